@@ -1,0 +1,196 @@
+"""Atomic replacement of a whole set of files, the way the kubelet writes Secret volumes.
+
+Layout of ``data_dir``::
+
+    ..2026_11_27_06_55_22.1a2b3c4d/   one generation: the real files
+    ..data -> ..2026_11_27_06_55_22.1a2b3c4d
+    svid.pem -> ..data/svid.pem      visible names, all through ..data
+
+A new generation is written in full into a fresh folder, then ``..data`` is switched to it
+with one rename. A reader that resolves ``..data`` once (opens it as a directory) reads one
+generation only: never a key from one SVID beside the certificate of another. A file opened
+through a visible name is always complete; an open that races the removal of the previous
+generation can fail with ENOENT, and a retry finds the new one (as with Secret volumes).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DATA_LINK = "..data"
+_DATA_TMP = "..data_tmp"
+_LINK_TMP = "..link_tmp"
+
+
+@dataclass(frozen=True)
+class FileContent:
+    """One file of a volume: its bytes and its permission bits (e.g. 0o600 for a key)."""
+
+    data: bytes
+    mode: int
+
+
+def _check(files: Mapping[str, FileContent]) -> None:
+    for name, content in files.items():
+        if not name or "/" in name or "\0" in name or name.startswith("..") or name == ".":
+            raise ValueError(f"invalid file name {name!r}: plain names only, not starting '..'")
+        if not 0 <= content.mode <= 0o777:
+            raise ValueError(f"invalid mode {content.mode:#o} for {name!r}: permission bits only")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _set_owner_mode(path: Path, gid: int | None) -> None:
+    """0755 without a group; 0750 owned by group ``gid`` with one (chown before chmod)."""
+    os.chown(path, -1, os.getegid() if gid is None else gid, follow_symlinks=False)
+    os.chmod(path, 0o755 if gid is None else 0o750)
+
+
+def _current(data_dir: Path) -> str | None:
+    try:
+        target = os.readlink(data_dir / DATA_LINK)
+    except FileNotFoundError:
+        return None
+    return target if (data_dir / target).is_dir() else None
+
+
+def _remove(path: Path) -> None:
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _remove_stale(data_dir: Path, keep: str | None) -> None:
+    """Drop temp links and every generation folder that ``..data`` does not point at."""
+    for name in os.listdir(data_dir):
+        if name.startswith("..") and name not in (DATA_LINK, keep):
+            _remove(data_dir / name)
+
+
+def _unchanged(generation: Path, files: Mapping[str, FileContent], gid: int | None) -> bool:
+    want_gid = os.getegid() if gid is None else gid
+    try:
+        if set(os.listdir(generation)) != set(files) or os.stat(generation).st_gid != want_gid:
+            return False
+        for name, content in files.items():
+            st = os.lstat(generation / name)
+            if not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != content.mode:
+                return False
+            if st.st_gid != want_gid or (generation / name).read_bytes() != content.data:
+                return False
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _write_generation(data_dir: Path, files: Mapping[str, FileContent], gid: int | None) -> str:
+    stamp = time.strftime("%Y_%m_%d_%H_%M_%S", time.gmtime())
+    folder = Path(tempfile.mkdtemp(prefix=f"..{stamp}.", dir=data_dir))
+    for name, content in files.items():
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(folder / name, flags, 0o600)
+        try:
+            view = memoryview(content.data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if gid is not None:
+                os.fchown(fd, -1, gid)
+            os.fchmod(fd, content.mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _set_owner_mode(folder, gid)
+    _fsync_dir(folder)
+    return folder.name
+
+
+def _replace_symlink(data_dir: Path, name: str, target: str) -> None:
+    tmp = data_dir / _LINK_TMP
+    _remove(tmp)
+    os.symlink(target, tmp)
+    path = data_dir / name
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    os.rename(tmp, path)
+
+
+def write_atomically(data_dir: Path, files: Mapping[str, FileContent], *, gid: int | None) -> None:
+    """Replace the whole content of ``data_dir`` with ``files``; readers see old or new, no mix.
+
+    With ``gid``, files and folders belong to that group (folders 0750); without, folders are
+    0755 and files keep exactly their ``mode``. Safe to call again after a crash at any point:
+    leftovers of the interrupted write are removed and exactly ``files`` remain. When the
+    current generation already holds exactly ``files`` nothing is swapped, so consumers that
+    watch the files do not reload for nothing. The parent of ``data_dir`` must exist.
+    """
+    _check(files)
+    try:
+        os.mkdir(data_dir, 0o700)
+    except FileExistsError:
+        if not stat.S_ISDIR(os.lstat(data_dir).st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(data_dir)) from None
+    _set_owner_mode(data_dir, gid)
+    current = _current(data_dir)
+    _remove_stale(data_dir, keep=current)
+    if current is None or not _unchanged(data_dir / current, files, gid):
+        current = _write_generation(data_dir, files, gid)
+        os.symlink(current, data_dir / _DATA_TMP)
+        os.rename(data_dir / _DATA_TMP, data_dir / DATA_LINK)
+        _fsync_dir(data_dir)
+    for name in files:
+        link = f"{DATA_LINK}/{name}"
+        try:
+            if os.readlink(data_dir / name) == link:
+                continue
+        except OSError:
+            pass
+        _replace_symlink(data_dir, name, link)
+    for name in os.listdir(data_dir):
+        if not name.startswith("..") and name not in files:
+            _remove(data_dir / name)
+    _remove_stale(data_dir, keep=current)
+    _fsync_dir(data_dir)
+
+
+def read_current(data_dir: Path) -> dict[str, bytes]:
+    """The files of the generation ``..data`` points at, all from that one generation.
+
+    Raises FileNotFoundError when nothing was ever written.
+    """
+    for _ in range(100):
+        try:
+            fd = os.open(data_dir / DATA_LINK, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if os.path.lexists(data_dir / DATA_LINK):
+                continue
+            raise
+        try:
+            result = {}
+            for name in os.listdir(fd):
+                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                with os.fdopen(os.open(name, flags, dir_fd=fd), "rb") as fh:
+                    result[name] = fh.read()
+            return result
+        except FileNotFoundError:
+            continue
+        finally:
+            os.close(fd)
+    raise FileNotFoundError(errno.ENOENT, "..data kept changing while being read", str(data_dir))
