@@ -1,0 +1,161 @@
+"""Prometheus metrics for one driver process.
+
+Every :class:`Metrics` owns its own ``CollectorRegistry`` (never the global one), so two
+daemons in one test process never share counters. No metric has a per-pod or per-volume
+label: a node can carry hundreds of pods, and pod names are not the operator's alerting unit.
+SVID expiry is summarised at scrape time from a callback instead (see
+:meth:`Metrics.set_expiry_source`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+
+from . import __version__
+
+PREFIX = "trio_spirecsi"
+
+PUBLISH_OUTCOMES = (
+    "ok",
+    "invalid_argument",
+    "timeout",
+    "agent_unavailable",
+    "permission_denied",
+    "error",
+)
+"""Values of the ``outcome`` label of the publish duration histogram."""
+
+PUBLISH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+
+REMAINING_BUCKETS = (0.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0)
+"""Upper bounds (seconds until expiry) of ``trio_spirecsi_svid_remaining_seconds``."""
+
+ExpirySource = Callable[[], Iterable[float]]
+
+
+class Metrics:
+    """The driver's metrics, registered in ``self.registry``.
+
+    The attributes are plain prometheus-client metrics; callers use them directly
+    (``metrics.unpublish_total.inc()``).
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.build_info = Info(f"{PREFIX}_build", "Version of the running driver.", registry=r)
+        self.build_info.info({"version": __version__})
+        self.volumes_published = Gauge(
+            f"{PREFIX}_volumes_published",
+            "Volumes this node's driver currently serves (published or resumed).",
+            registry=r,
+        )
+        self.publish_duration = Histogram(
+            f"{PREFIX}_publish_duration_seconds",
+            "Time NodePublishVolume took, by outcome.",
+            ["outcome"],
+            buckets=PUBLISH_BUCKETS,
+            registry=r,
+        )
+        for outcome in PUBLISH_OUTCOMES:
+            self.publish_duration.labels(outcome=outcome)
+        self.unpublish_total = Counter(
+            f"{PREFIX}_unpublish_total", "NodeUnpublishVolume calls that succeeded.", registry=r
+        )
+        self.svid_rotations_total = Counter(
+            f"{PREFIX}_svid_rotations_total",
+            "Times a volume's files were rewritten because the agent sent a new SVID.",
+            registry=r,
+        )
+        self.bundle_updates_total = Counter(
+            f"{PREFIX}_bundle_updates_total",
+            "Trust bundle updates received from the agent.",
+            registry=r,
+        )
+        self.agent_connected = Gauge(
+            f"{PREFIX}_agent_connected",
+            "1 while the SPIRE agent's admin socket answers, else 0.",
+            registry=r,
+        )
+        self.agent_reconnects_total = Counter(
+            f"{PREFIX}_agent_reconnects_total",
+            "Times the connection to the SPIRE agent was re-established after a loss.",
+            registry=r,
+        )
+        self.errors_total = Counter(
+            f"{PREFIX}_errors_total",
+            "Errors by kind (see docs/operations.md).",
+            ["kind"],
+            registry=r,
+        )
+        self._expiry_source: ExpirySource = _no_volumes
+        r.register(_ExpiryCollector(self))
+
+    def set_expiry_source(self, fn: ExpirySource) -> None:
+        """Use ``fn`` at every scrape to read the ``expires_at`` (unix seconds) of live SVIDs.
+
+        ``fn`` runs in the thread serving the scrape (the Trio thread) and must not block.
+        """
+        self._expiry_source = fn
+
+    def expiries(self) -> list[float]:
+        return [float(e) for e in self._expiry_source() if math.isfinite(e)]
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition (Prometheus text, or OpenMetrics when ``accept`` asks) and its type."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+def _no_volumes() -> Iterable[float]:
+    return ()
+
+
+class _ExpiryCollector:
+    """Summarises SVID expiry at scrape time, without a series per pod.
+
+    ``trio_spirecsi_svid_expiry_min_seconds``: seconds until the soonest expiry (negative once
+    expired); absent when no volume has an SVID. ``trio_spirecsi_svid_remaining_seconds``: a
+    gauge histogram of the same values (``le="0"`` counts expired SVIDs).
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(f"{PREFIX}_svid_expiry_min_seconds", _MIN_DOC)
+        yield GaugeHistogramMetricFamily(
+            f"{PREFIX}_svid_remaining_seconds", _REMAINING_DOC, buckets=[("+Inf", 0)]
+        )
+
+    def collect(self) -> Iterator[Metric]:
+        now = time.time()
+        remaining = sorted(e - now for e in self._metrics.expiries())
+        minimum = GaugeMetricFamily(f"{PREFIX}_svid_expiry_min_seconds", _MIN_DOC)
+        if remaining:
+            minimum.add_metric([], remaining[0])
+        yield minimum
+        buckets = [
+            (_le(bound), sum(1 for r in remaining if r <= bound)) for bound in REMAINING_BUCKETS
+        ]
+        buckets.append(("+Inf", len(remaining)))
+        yield GaugeHistogramMetricFamily(
+            f"{PREFIX}_svid_remaining_seconds",
+            _REMAINING_DOC,
+            buckets=buckets,
+            gsum_value=sum(remaining),
+        )
+
+
+def _le(bound: float) -> str:
+    return str(int(bound)) if bound.is_integer() else str(bound)
+
+
+_MIN_DOC = "Seconds until the soonest SVID expiry among this node's volumes (negative: expired)."
+_REMAINING_DOC = "Seconds until expiry of each volume's SVID, as buckets (no per-pod series)."
