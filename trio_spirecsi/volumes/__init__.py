@@ -1,0 +1,1 @@
+"""Volumes: attributes, selectors, the registry and the per-volume task."""
