@@ -1,0 +1,498 @@
+"""gRPC client over a unix socket: one lazily dialled HTTP/2 connection shared by every call.
+
+A call costs no task: the connection's reader task files each message and status into the
+call's small state object and wakes whoever waits on it. Unconsumed messages stay inside the
+HTTP/2 flow-control windows, so a slow consumer holds at most one window per stream.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
+from typing import Generic
+
+import h2.errors
+import h2.exceptions
+import trio
+from google.protobuf.message import DecodeError
+from purerpc.grpclib.events import (
+    MessageReceived,
+    ResponseEnded,
+    ResponseReceived,
+    WindowUpdated,
+)
+
+from ._connection import (
+    Event,
+    GoAway,
+    SettingsChanged,
+    StreamEnded,
+    StreamFailed,
+    StreamGone,
+    StreamReset,
+    Transport,
+    encode_timeout,
+    unwrap_group,
+)
+from .methods import Method, Req, Resp
+from .status import RpcError, StatusCode
+
+USER_AGENT = "trio-spirecsi-grpc"
+_START_ATTEMPTS = 3
+_REFUSED_RETRIES = 10
+_REFUSED_BACKOFF = 0.01
+
+_RESET_CODES = {
+    h2.errors.ErrorCodes.REFUSED_STREAM: StatusCode.UNAVAILABLE,
+    h2.errors.ErrorCodes.CANCEL: StatusCode.CANCELLED,
+    h2.errors.ErrorCodes.ENHANCE_YOUR_CALM: StatusCode.RESOURCE_EXHAUSTED,
+    h2.errors.ErrorCodes.INADEQUATE_SECURITY: StatusCode.PERMISSION_DENIED,
+}
+
+
+def _status_code(value: int) -> StatusCode:
+    try:
+        return StatusCode(value)
+    except ValueError:
+        return StatusCode.UNKNOWN
+
+
+def _reset_error(error_code: int) -> RpcError:
+    try:
+        name = h2.errors.ErrorCodes(error_code).name
+    except ValueError:
+        name = str(error_code)
+    code = _RESET_CODES.get(error_code, StatusCode.INTERNAL)
+    return RpcError(code, f"stream reset by server ({name})")
+
+
+class _Call:
+    """What one call has received so far; filled by the reader, drained by the caller."""
+
+    __slots__ = ("done", "error", "live", "messages", "refused", "responded", "stream_id", "waiter")
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+        self.messages: deque[tuple[bytes, int]] = deque()
+        self.done = False
+        self.error: RpcError | None = None
+        self.live = True  # counts against the server's concurrent stream limit
+        self.responded = False
+        self.refused = False  # the server did not process it: safe to send again
+        self.waiter: trio.Event | None = None
+
+    def finish(self, error: RpcError | None) -> None:
+        if not self.done:
+            self.done, self.error = True, error
+        self.wake()
+
+    def wake(self) -> None:
+        if self.waiter is not None:
+            self.waiter.set()
+            self.waiter = None
+
+
+class _Connection:
+    def __init__(self, stream: trio.SocketStream, path: str) -> None:
+        self.transport = Transport(stream, client_side=True)
+        self.path = path
+        self.calls: dict[int, _Call] = {}
+        self.settled = trio.Event()  # the server's SETTINGS arrived, or the connection failed
+        self.accepting = True  # new calls may start here
+        self.failure: str | None = None
+        self._live = 0
+        self._scope = trio.CancelScope()
+
+    async def run(self) -> None:
+        with self._scope:
+            await self.transport.run(self._on_events, self._lost)
+
+    def abort(self, message: str) -> None:
+        """Fail every call with UNAVAILABLE(message) and close the connection."""
+        self._fail(message)
+        self._scope.cancel()
+
+    def _lost(self, cause: str) -> None:
+        self._fail(f"connection to {self.path} lost: {cause}")
+
+    def _fail(self, message: str) -> None:
+        self.accepting = False
+        if self.failure is None:
+            self.failure = message
+        self.settled.set()
+        for call in self.calls.values():
+            self._end(call, RpcError(StatusCode.UNAVAILABLE, message))
+
+    def _end(self, call: _Call, error: RpcError | None) -> None:
+        call.finish(error)
+        if call.live:
+            call.live = False
+            self._live -= 1
+            stream = self.transport.h2.streams.get(call.stream_id)
+            if stream is not None and not stream.closed:
+                self.transport.protocol.reset(call.stream_id)
+                self.transport.flush()
+            self.transport.notify()
+
+    def _on_events(self, events: Sequence[Event]) -> None:
+        for event in events:
+            if isinstance(event, (WindowUpdated, SettingsChanged)):
+                if isinstance(event, SettingsChanged):
+                    self.settled.set()
+                self.transport.notify()
+                continue
+            if isinstance(event, GoAway):
+                self._go_away(event)
+                continue
+            call = self.calls.get(getattr(event, "stream_id", 0))
+            if call is None:
+                continue
+            if isinstance(event, ResponseReceived):
+                call.responded = True
+            elif isinstance(event, MessageReceived):
+                call.messages.append((event.data, event.flow_controlled_length))
+                call.wake()
+            elif isinstance(event, ResponseEnded):
+                status = event.status
+                error = None
+                if status.int_value != 0:
+                    error = RpcError(_status_code(status.int_value), status.status_message)
+                self._end(call, error)
+            elif isinstance(event, StreamEnded):
+                self._end(call, RpcError(StatusCode.INTERNAL, "stream ended without a status"))
+            elif isinstance(event, StreamReset):
+                refused = event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+                call.refused = refused and not call.responded and not call.done
+                self._end(call, _reset_error(event.error_code))
+            elif isinstance(event, StreamFailed):
+                self._end(call, RpcError(event.code, event.reason))
+
+    def _go_away(self, event: GoAway) -> None:
+        self.accepting = False
+        message = f"{self.path} is going away (GOAWAY)"
+        for sid, call in self.calls.items():
+            if sid > event.last_stream_id:
+                self._end(call, RpcError(StatusCode.UNAVAILABLE, message))
+        if not self.calls:
+            self._scope.cancel()
+
+    async def start_call(
+        self, path: str, payload: bytes, deadline: float, metadata: list[tuple[str, str]]
+    ) -> _Call | None:
+        """Open a stream and send the request; None if this connection stopped taking calls.
+
+        Waits for a free stream when the server's MAX_CONCURRENT_STREAMS is reached.
+        """
+        h2c = self.transport.h2
+        while True:
+            if not self.accepting:
+                return None
+            if self._live < h2c.remote_settings.max_concurrent_streams:
+                headers = _request_headers(path, deadline, metadata)
+                sid = h2c.get_next_available_stream_id()
+                try:
+                    h2c.send_headers(sid, headers)
+                    break
+                except h2.exceptions.TooManyStreamsError:
+                    pass
+                except h2.exceptions.ProtocolError as exc:
+                    raise RpcError(StatusCode.INTERNAL, f"could not send request: {exc}") from None
+            await self.transport.wait_changed()
+        call = self.calls[sid] = _Call(sid)
+        self._live += 1
+        try:
+            await self.transport.send_message(sid, payload, end_stream=True)
+        except StreamGone:
+            pass  # reset or connection loss: the call's outcome is recorded
+        except BaseException:
+            self.end_call(call)
+            raise
+        return call
+
+    async def next_message(self, call: _Call) -> bytes | None:
+        """The next response message, None once the call ended OK; raises its error."""
+        while True:
+            if call.messages:
+                data, size = call.messages.popleft()
+                self.transport.protocol.ack(call.stream_id, size)
+                self.transport.flush()
+                return data
+            if call.done:
+                if call.error is not None:
+                    raise RpcError(call.error.code, call.error.message)
+                return None
+            if call.waiter is None:
+                call.waiter = trio.Event()
+            await call.waiter.wait()
+
+    def fail_call(self, call: _Call, error: RpcError) -> None:
+        """End a call locally (deadline, unparsable response): the server learns by RST_STREAM."""
+        call.messages.clear()
+        call.done, call.error = True, error
+        self._end(call, error)
+
+    def end_call(self, call: _Call) -> None:
+        """The caller is done: cancel the stream if still open and free everything it holds."""
+        if self.calls.pop(call.stream_id, None) is None:
+            return
+        self._end(call, RpcError(StatusCode.CANCELLED, "call cancelled"))
+        call.messages.clear()
+        self.transport.protocol.forget(call.stream_id)
+        self.transport.flush()
+        if not self.accepting and not self.calls:
+            self._scope.cancel()
+
+
+def _request_headers(
+    path: str, deadline: float, metadata: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    headers = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "localhost"),
+        ("te", "trailers"),
+        ("content-type", "application/grpc"),
+        ("user-agent", USER_AGENT),
+    ]
+    if deadline != math.inf:
+        remaining = deadline - trio.current_time()
+        if remaining <= 0:
+            raise RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        headers.append(("grpc-timeout", encode_timeout(remaining)))
+    return headers + metadata
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> list[tuple[str, str]]:
+    items = []
+    for key, value in (metadata or {}).items():
+        name = key.lower()
+        bad_value = any(c in value for c in "\r\n\0")
+        if not name or name.startswith((":", "grpc-")) or name.endswith("-bin") or bad_value:
+            raise RpcError(StatusCode.INTERNAL, f"invalid metadata {key!r}")
+        items.append((name, value))
+    return items
+
+
+class ResponseStream(Generic[Resp]):
+    """The responses of one call, as an async iterator.
+
+    Iteration stops when the call ends OK and raises RpcError otherwise (including
+    DEADLINE_EXCEEDED once the call's timeout has passed). A call the server refused without
+    processing it (RST_STREAM REFUSED_STREAM before any response) is sent again, as gRPC
+    allows; C-core servers do this for a moment after a stream ends at their concurrency limit.
+    """
+
+    def __init__(
+        self,
+        start: Callable[[], Awaitable[tuple[_Connection, _Call]]],
+        response_type: type[Resp],
+        deadline: float,
+    ) -> None:
+        self._start = start
+        self._conn: _Connection | None = None
+        self._call: _Call | None = None
+        self._type = response_type
+        self._deadline = deadline
+
+    def __aiter__(self) -> ResponseStream[Resp]:
+        return self
+
+    async def _begin(self) -> tuple[_Connection, _Call]:
+        self._conn, self._call = await self._start()
+        return self._conn, self._call
+
+    async def _next(self) -> bytes | None:
+        """The next message; a call the server refused unprocessed is sent again."""
+        assert self._conn is not None and self._call is not None
+        for attempt in range(_REFUSED_RETRIES):
+            try:
+                return await self._conn.next_message(self._call)
+            except RpcError:
+                if not self._call.refused or attempt == _REFUSED_RETRIES - 1:
+                    raise
+            self._end()
+            await trio.sleep(min(_REFUSED_BACKOFF * attempt, 0.1))
+            await self._begin()
+        raise AssertionError("unreachable")
+
+    def _end(self) -> None:
+        if self._conn is not None and self._call is not None:
+            self._conn.end_call(self._call)
+
+    async def __anext__(self) -> Resp:
+        with trio.move_on_at(self._deadline):
+            data = await self._next()
+            if data is None:
+                raise StopAsyncIteration
+            try:
+                return self._type.FromString(data)
+            except DecodeError:
+                error = RpcError(StatusCode.INTERNAL, "could not parse response")
+                self._fail(error)
+                raise error from None
+        error = RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        self._fail(error)
+        raise error
+
+    def _fail(self, error: RpcError) -> None:
+        if self._conn is not None and self._call is not None:
+            self._conn.fail_call(self._call, error)
+
+
+class Channel:
+    """Calls to one gRPC server on a unix socket; create with :func:`open_channel`.
+
+    One HTTP/2 connection carries every call. It is dialled on first use and again after it
+    is lost or the server sends GOAWAY; calls in flight on a lost connection fail UNAVAILABLE.
+    Every failure a caller sees is an RpcError; Trio cancellation propagates as usual.
+    """
+
+    def __init__(self, path: str, nursery: trio.Nursery, connect_timeout: float) -> None:
+        self._path = path
+        self._nursery = nursery
+        self._connect_timeout = connect_timeout
+        self._current: _Connection | None = None
+        self._running: set[_Connection] = set()
+        self._dial_lock = trio.Lock()
+        self._connections_opened = 0
+        self._closed = False
+
+    @property
+    def connections_opened(self) -> int:
+        """How many HTTP/2 connections this channel has dialled."""
+        return self._connections_opened
+
+    async def unary(
+        self,
+        method: Method[Req, Resp],
+        request: Req,
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Resp:
+        async with self._open(method, request, timeout, metadata) as responses:
+            response = None
+            async for message in responses:
+                if response is not None:
+                    raise RpcError(StatusCode.INTERNAL, "more than one response to a unary call")
+                response = message
+            if response is None:
+                raise RpcError(StatusCode.INTERNAL, "no response to a unary call")
+            return response
+
+    def stream(
+        self,
+        method: Method[Req, Resp],
+        request: Req,
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> AbstractAsyncContextManager[ResponseStream[Resp]]:
+        """A server-streaming call; leaving the block before the stream ended cancels it."""
+        return self._open(method, request, timeout, metadata)
+
+    @asynccontextmanager
+    async def _open(
+        self,
+        method: Method[Req, Resp],
+        request: Req,
+        seconds: float | None,
+        metadata: Mapping[str, str] | None,
+    ) -> AsyncIterator[ResponseStream[Resp]]:
+        deadline = math.inf if seconds is None else trio.current_time() + seconds
+        headers = _check_metadata(metadata)
+        payload = request.SerializeToString()
+        responses = ResponseStream(
+            partial(self._start, method.path, payload, deadline, headers),
+            method.response_type,
+            deadline,
+        )
+        await responses._begin()
+        try:
+            yield responses
+        finally:
+            responses._end()
+
+    async def _start(
+        self, path: str, payload: bytes, deadline: float, headers: list[tuple[str, str]]
+    ) -> tuple[_Connection, _Call]:
+        with trio.move_on_at(deadline):
+            for _ in range(_START_ATTEMPTS):
+                conn = await self._connection()
+                call = await conn.start_call(path, payload, deadline, headers)
+                if call is not None:
+                    return conn, call
+            raise RpcError(StatusCode.UNAVAILABLE, f"{self._path} keeps closing connections")
+        raise RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call started")
+
+    async def _connection(self) -> _Connection:
+        conn = self._current
+        if conn is not None and conn.accepting:
+            return conn
+        async with self._dial_lock:
+            conn = self._current
+            if conn is None or not conn.accepting:
+                conn = self._current = await self._dial()
+            return conn
+
+    async def _dial(self) -> _Connection:
+        where = f"connect to {self._path}"
+        if self._closed:
+            raise RpcError(StatusCode.UNAVAILABLE, f"{where}: channel is closed")
+        try:
+            with trio.fail_after(self._connect_timeout):
+                stream = await trio.open_unix_socket(self._path)
+        except OSError as exc:
+            raise RpcError(StatusCode.UNAVAILABLE, f"{where}: {exc.strerror or exc}") from None
+        except trio.TooSlowError:
+            raise RpcError(StatusCode.UNAVAILABLE, f"{where}: timed out") from None
+        conn = _Connection(stream, self._path)
+        self._connections_opened += 1
+        self._nursery.start_soon(self._run, conn)
+        try:
+            with trio.move_on_after(self._connect_timeout):
+                await conn.settled.wait()
+            if not conn.settled.is_set():
+                conn.abort(f"{where}: no HTTP/2 settings from the server")
+            if conn.failure is not None:
+                raise RpcError(StatusCode.UNAVAILABLE, conn.failure)
+        except BaseException:
+            conn.abort(f"{where}: abandoned")
+            raise
+        return conn
+
+    async def _run(self, conn: _Connection) -> None:
+        self._running.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self._running.discard(conn)
+
+    def _close(self) -> None:
+        """Fail every call in flight with UNAVAILABLE and close the connections."""
+        self._closed = True
+        for conn in list(self._running):
+            conn.abort(f"channel to {self._path} closed")
+
+
+@asynccontextmanager
+async def open_channel(path: str, *, connect_timeout: float = 5.0) -> AsyncIterator[Channel]:
+    """A channel to the gRPC server listening on the unix socket `path`.
+
+    Nothing is dialled until the first call. Leaving the block closes the connection; calls
+    still in flight fail UNAVAILABLE.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            channel = Channel(path, nursery, connect_timeout)
+            try:
+                yield channel
+            finally:
+                channel._close()
+    except BaseExceptionGroup as group:
+        exc = unwrap_group(group)
+        raise exc from exc.__cause__
