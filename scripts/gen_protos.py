@@ -7,14 +7,15 @@ inside trio_spirecsi._proto without touching sys.path.
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from grpc_tools import protoc  # type: ignore[import-untyped]
 import grpc_tools
+from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
@@ -51,7 +52,7 @@ def generate(out: Path) -> None:
                 continue
             depth = len(rel.parts) - 1
             text = path.read_text()
-            text = _IMPORT.sub(lambda m: _relative(m, depth), text)
+            text = _IMPORT.sub(functools.partial(_relative, depth=depth), text)
             target.write_text(text)
         for folder in [out, *(p for p in out.rglob("*") if p.is_dir())]:
             (folder / "__init__.py").touch()

@@ -75,7 +75,7 @@ class Peer:
 
 async def eventually(check: Callable[[], bool], what: str) -> None:
     with trio.move_on_after(WAIT):
-        while not check():  # noqa: ASYNC110
+        while not check():
             await trio.sleep(0.02)
         return
     raise AssertionError(f"timed out waiting for: {what}")

@@ -130,7 +130,7 @@ async def serving(agent: DevAgent, sock_dir: Path) -> AsyncIterator[Peer]:
 async def eventually(check: Callable[[], bool], what: str) -> None:
     """Bounded wait for state the agent exposes only as properties."""
     with trio.move_on_after(WAIT):
-        while not check():  # noqa: ASYNC110
+        while not check():
             await trio.sleep(0.02)
         return
     raise AssertionError(f"timed out waiting for: {what}")

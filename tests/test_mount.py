@@ -200,18 +200,6 @@ def test_busy_target_is_detached_lazily(
         holder.wait()
 
 
-def test_selinux_context_is_accepted_on_the_readonly_remount(
-    mounter: LinuxMounter, tmp_path: Path
-) -> None:
-    source, target = _source_and_target(tmp_path)
-    labelled = LinuxMounter(selinux_context="system_u:object_r:container_file_t:s0")
-
-    labelled.bind_readonly(source, target)
-
-    assert mounter.is_mounted(target)
-    assert {"ro", "nosuid", "nodev", "noexec"} <= _options(target)
-
-
 def _read_as(path: Path, uid: int, gid: int) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         ["cat", str(path)], user=uid, group=gid, extra_groups=[], capture_output=True

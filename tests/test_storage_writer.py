@@ -340,3 +340,22 @@ def test_a_crash_right_after_the_swap_is_repaired_by_the_next_write(tmp_path: Pa
 
     write_atomically(data, new, gid=None)
     assert_exactly(data, new, None)
+
+
+def test_selinux_context_labels_everything_before_it_becomes_visible(tmp_path: Path) -> None:
+    label = "system_u:object_r:container_file_t:s0"
+    data = tmp_path / "data"
+    files = {"svid.pem": FileContent(b"cert", 0o644), "svid_key.pem": FileContent(b"k", 0o600)}
+    write_atomically(data, files, gid=None, selinux_context=label)
+
+    generation = data / os.readlink(data / "..data")
+    labelled = [data, generation, *(generation / n for n in files), *(data / n for n in files)]
+    for path in labelled:
+        assert os.getxattr(path, "security.selinux", follow_symlinks=False) == label.encode()
+
+    # A driver restarted with another context relabels on its next write.
+    other = "system_u:object_r:container_file_t:s0:c1,c2"
+    write_atomically(data, files, gid=None, selinux_context=other)
+    generation = data / os.readlink(data / "..data")
+    assert os.getxattr(generation / "svid.pem", "security.selinux") == other.encode()
+    assert read_current(data) == {n: c.data for n, c in files.items()}

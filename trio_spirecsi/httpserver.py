@@ -225,7 +225,7 @@ async def serve_http(
             await trio.aclose_forcefully(listener)
 
 
-async def check_health(url: str, timeout: float) -> bool:  # noqa: ASYNC109 (a trio.run entry)
+async def check_health(url: str, timeout: float) -> bool:
     """True when ``url`` (http://host:port/path) answers 200 within ``timeout`` seconds.
 
     Any connection failure, timeout or non-200 status is False. Raises ValueError when

@@ -85,14 +85,12 @@ def mount_table(mountinfo: Path = MOUNTINFO) -> list[MountInfo]:
 class LinuxMounter:
     """mount(2) / umount2(2) through libc; needs CAP_SYS_ADMIN in the mount namespace.
 
-    ``selinux_context`` is passed as ``context="..."`` mount data on the read-only remount.
-    Linux ignores mount data for bind mounts and bind remounts (only the flags apply), so the
-    option is accepted everywhere and changes nothing on its own; labels of a bind mount are
-    those of the source files.
+    A bind mount shows the source files with their own SELinux labels (the kernel ignores
+    ``context=`` on bind mounts), so labelling is the writer's job: see
+    ``write_atomically(selinux_context=...)``.
     """
 
-    def __init__(self, *, selinux_context: str | None = None) -> None:
-        self.selinux_context = selinux_context
+    def __init__(self) -> None:
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._libc.mount.argtypes = [
             ctypes.c_char_p,
@@ -119,10 +117,7 @@ class LinuxMounter:
         err = self._mount(os.fsencode(source), target, MS_BIND, None)
         if err:
             raise MountError(err, f"bind mount {source} -> {target}")
-        data = None
-        if self.selinux_context is not None:
-            data = f'context="{self.selinux_context}"'.encode()
-        err = self._mount(os.fsencode(source), target, _READONLY_REMOUNT, data)
+        err = self._mount(os.fsencode(source), target, _READONLY_REMOUNT, None)
         if err:
             undo = self._umount(target, 0)
             if undo:

@@ -78,6 +78,14 @@ def _remove(path: Path) -> None:
         pass
 
 
+def _is_socket(path: Path) -> bool:
+    """A unix socket beside the files belongs to a server (the Workload API), not to us."""
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
 def _remove_stale(data_dir: Path, keep: str | None) -> None:
     """Drop temp links and every generation folder that ``..data`` does not point at."""
     for name in os.listdir(data_dir):
@@ -85,9 +93,13 @@ def _remove_stale(data_dir: Path, keep: str | None) -> None:
             _remove(data_dir / name)
 
 
-def _unchanged(generation: Path, files: Mapping[str, FileContent], gid: int | None) -> bool:
+def _unchanged(
+    generation: Path, files: Mapping[str, FileContent], gid: int | None, label: str | None
+) -> bool:
     want_gid = os.getegid() if gid is None else gid
     try:
+        if label is not None and _get_label(generation) != label:
+            return False
         if set(os.listdir(generation)) != set(files) or os.stat(generation).st_gid != want_gid:
             return False
         for name, content in files.items():
@@ -101,7 +113,28 @@ def _unchanged(generation: Path, files: Mapping[str, FileContent], gid: int | No
     return True
 
 
-def _write_generation(data_dir: Path, files: Mapping[str, FileContent], gid: int | None) -> str:
+SELINUX_XATTR = "security.selinux"
+
+
+def _label(path: Path | int, label: str | None) -> None:
+    """Give a file, folder or symlink the SELinux context ``label`` (no-op without one)."""
+    if label is not None:
+        if isinstance(path, int):
+            os.setxattr(path, SELINUX_XATTR, label.encode())
+        else:
+            os.setxattr(path, SELINUX_XATTR, label.encode(), follow_symlinks=False)
+
+
+def _get_label(path: Path) -> str | None:
+    try:
+        return os.getxattr(path, SELINUX_XATTR, follow_symlinks=False).decode()
+    except OSError:
+        return None
+
+
+def _write_generation(
+    data_dir: Path, files: Mapping[str, FileContent], gid: int | None, label: str | None
+) -> str:
     stamp = time.strftime("%Y_%m_%d_%H_%M_%S", time.gmtime())
     folder = Path(tempfile.mkdtemp(prefix=f"..{stamp}.", dir=data_dir))
     for name, content in files.items():
@@ -114,32 +147,47 @@ def _write_generation(data_dir: Path, files: Mapping[str, FileContent], gid: int
             if gid is not None:
                 os.fchown(fd, -1, gid)
             os.fchmod(fd, content.mode)
+            _label(fd, label)
             os.fsync(fd)
         finally:
             os.close(fd)
     _set_owner_mode(folder, gid)
+    _label(folder, label)
     _fsync_dir(folder)
     return folder.name
 
 
-def _replace_symlink(data_dir: Path, name: str, target: str) -> None:
+def _replace_symlink(data_dir: Path, name: str, target: str, label: str | None) -> None:
     tmp = data_dir / _LINK_TMP
     _remove(tmp)
     os.symlink(target, tmp)
+    _label(tmp, label)
     path = data_dir / name
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     os.rename(tmp, path)
 
 
-def write_atomically(data_dir: Path, files: Mapping[str, FileContent], *, gid: int | None) -> None:
+def write_atomically(
+    data_dir: Path,
+    files: Mapping[str, FileContent],
+    *,
+    gid: int | None,
+    selinux_context: str | None = None,
+) -> None:
     """Replace the whole content of ``data_dir`` with ``files``; readers see old or new, no mix.
+
+    With ``selinux_context`` every file, folder and link is labelled with it before it
+    becomes visible, so containers may read them on SELinux-enforcing nodes (a bind mount
+    cannot relabel: the kernel ignores ``context=`` on bind mounts).
 
     With ``gid``, files and folders belong to that group (folders 0750); without, folders are
     0755 and files keep exactly their ``mode``. Safe to call again after a crash at any point:
     leftovers of the interrupted write are removed and exactly ``files`` remain. When the
     current generation already holds exactly ``files`` nothing is swapped, so consumers that
-    watch the files do not reload for nothing. The parent of ``data_dir`` must exist.
+    watch the files do not reload for nothing. Unix sockets in ``data_dir`` (a server's, such
+    as the volume's Workload API socket) are left in place. The parent of ``data_dir`` must
+    exist.
     """
     _check(files)
     try:
@@ -148,11 +196,13 @@ def write_atomically(data_dir: Path, files: Mapping[str, FileContent], *, gid: i
         if not stat.S_ISDIR(os.lstat(data_dir).st_mode):
             raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(data_dir)) from None
     _set_owner_mode(data_dir, gid)
+    _label(data_dir, selinux_context)
     current = _current(data_dir)
     _remove_stale(data_dir, keep=current)
-    if current is None or not _unchanged(data_dir / current, files, gid):
-        current = _write_generation(data_dir, files, gid)
+    if current is None or not _unchanged(data_dir / current, files, gid, selinux_context):
+        current = _write_generation(data_dir, files, gid, selinux_context)
         os.symlink(current, data_dir / _DATA_TMP)
+        _label(data_dir / _DATA_TMP, selinux_context)
         os.rename(data_dir / _DATA_TMP, data_dir / DATA_LINK)
         _fsync_dir(data_dir)
     for name in files:
@@ -162,9 +212,9 @@ def write_atomically(data_dir: Path, files: Mapping[str, FileContent], *, gid: i
                 continue
         except OSError:
             pass
-        _replace_symlink(data_dir, name, link)
+        _replace_symlink(data_dir, name, link, selinux_context)
     for name in os.listdir(data_dir):
-        if not name.startswith("..") and name not in files:
+        if not name.startswith("..") and name not in files and not _is_socket(data_dir / name):
             _remove(data_dir / name)
     _remove_stale(data_dir, keep=current)
     _fsync_dir(data_dir)

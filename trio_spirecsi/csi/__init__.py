@@ -1,0 +1,1 @@
+"""The CSI Identity and Node services: request validation and translation only."""

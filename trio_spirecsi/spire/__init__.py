@@ -1,0 +1,1 @@
+"""The driver's client of the SPIRE agent's Delegated Identity API."""
