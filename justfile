@@ -1,0 +1,45 @@
+# trio-spirecsi developer commands. Run `scripts/bootstrap.sh` once first
+# (the README's commands do it for you).
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := justfile_directory() / ".venv/bin"
+
+# Show the recipes
+default:
+    @just --list
+
+# Install the project and its development tools into .venv
+setup:
+    scripts/bootstrap.sh
+
+# Dev agent + driver in a temporary folder: publish, show the files, rotate, unpublish
+demo: setup
+    {{venv}}/trio-spirecsi demo
+
+# The whole test suite (in a private mount namespace), then lint and types
+test: setup
+    unshare -m --propagation private {{venv}}/pytest -q -p no:cacheprovider
+    just check
+
+# ruff and mypy --strict
+check:
+    {{venv}}/ruff check .
+    {{venv}}/ruff format --check .
+    {{venv}}/mypy
+
+# Regenerate trio_spirecsi/_proto from protos/
+protos:
+    {{venv}}/python scripts/gen_protos.py
+
+# Benchmarks (not tests): publish latency, memory per volume, rotation and resume times
+bench *ARGS: setup
+    unshare -m --propagation private {{venv}}/python -m benchmarks.bench {{ARGS}}
+
+# The state machine under the long hypothesis profile (minutes to hours)
+soak *ARGS: setup
+    HYPOTHESIS_PROFILE=long unshare -m --propagation private {{venv}}/pytest -q -p no:cacheprovider tests/test_state_machine.py {{ARGS}}
+
+# Run every atheris fuzz target for SECONDS each
+fuzz SECONDS="60": setup
+    {{venv}}/python fuzz/run_all.py {{SECONDS}}
