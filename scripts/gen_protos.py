@@ -27,6 +27,15 @@ def _relative(match: re.Match[str], depth: int) -> str:
     return f"from {'.' * (depth + 1)}{match.group(1)} import {match.group(2)}"
 
 
+def _mypy_plugin() -> str:
+    """mypy-protobuf's protoc plugin, installed beside this interpreter (PATH may lack it)."""
+    beside = Path(sys.executable).parent / "protoc-gen-mypy"
+    found = str(beside) if beside.exists() else shutil.which("protoc-gen-mypy")
+    if not found:
+        sys.exit("protoc-gen-mypy not found: install the dev extras (pip install -e '.[dev]')")
+    return found
+
+
 def generate(out: Path) -> None:
     sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     include = Path(grpc_tools.__file__).parent / "_proto"
@@ -36,6 +45,7 @@ def generate(out: Path) -> None:
             f"-I{PROTOS}",
             f"-I{include}",
             f"--python_out={tmp}",
+            f"--plugin=protoc-gen-mypy={_mypy_plugin()}",
             f"--mypy_out={tmp}",
             *sources,
         ]
