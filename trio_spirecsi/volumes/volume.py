@@ -7,9 +7,10 @@ write into its data folder again.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from trio_util import AsyncValue
 
 from .. import log
 from .._proto.spire.api.agent.delegatedidentity.v1 import delegatedidentity_pb2 as di
+from .._proto.spire.api.types import types_pb2
 from ..errors import RenderError
 from ..grpc import RpcError, StatusCode
 from ..metrics import Metrics
@@ -76,7 +78,9 @@ class Volume:
         self.x509: AsyncValue[X509Update | None] = AsyncValue(None)
         """The agent's latest non-empty SVID set for this pod (all SVIDs, before selection)."""
         self._jwt: dict[tuple[str, ...], Jwt] = {}
-        self._files: Mapping[str, FileContent] | None = None
+        self._written_digest: bytes | None = None
+        """Digest of the files last written: a bundle update that changes nothing for this
+        volume writes nothing (and holds no copy of the files in memory)."""
         self._dirty = trio.Event()
 
     # Lifecycle -----------------------------------------------------------
@@ -157,7 +161,15 @@ class Volume:
                 response = await self._agent.fetch_jwt_svid(self.plan.selectors, audiences)
                 if not response.svids:
                     raise RpcError(StatusCode.PERMISSION_DENIED, "no identity issued")
-                svid = response.svids[0]
+                svid = select_jwt_svid(self.plan.spec, response.svids)
+                if svid is None:
+                    self._set_problem(
+                        "no JWT-SVID matches the volume's svid-hint / spiffe-id; the SPIRE "
+                        "agent issued: "
+                        + ", ".join(f"{_jwt_id(s)} (hint {s.hint!r})" for s in response.svids)
+                    )
+                    await trio.sleep(backoff.next())
+                    continue
                 jwt = Jwt(svid.token, float(svid.issued_at), float(svid.expires_at))
                 self._jwt[audiences] = jwt
                 self._dirty.set()
@@ -199,15 +211,16 @@ class Volume:
         except RenderError as exc:
             self._set_problem(exc.message)
             return
-        if files == self._files:
+        digest = _digest(files)
+        if digest == self._written_digest:
             return
         started = time.perf_counter()
         write_atomically(
             self.plan.data_dir, files, gid=spec.gid, selinux_context=self.plan.selinux_context
         )
-        if self._files is not None and leaf.expires_at != self.expires_at:
+        if self._written_digest is not None and leaf.expires_at != self.expires_at:
             self._metrics.svid_rotations_total.inc()
-        self._files = files
+        self._written_digest = digest
         self.spiffe_id = leaf.spiffe_id
         self.expires_at = float(leaf.expires_at)
         self.not_before = x509.load_der_x509_certificate(
@@ -270,5 +283,32 @@ class Volume:
         return False, f"SVID {self.spiffe_id} valid until {_utc(self.expires_at)}"
 
 
+def select_jwt_svid(
+    spec: VolumeSpec, svids: Sequence[types_pb2.JWTSVID]
+) -> types_pb2.JWTSVID | None:
+    """The JWT-SVID for the identity the volume's X.509 files hold: the first that matches
+    ``svid-hint`` and ``spiffe-id`` (the rule of :func:`select_svids`), or None."""
+    for svid in svids:
+        if (not spec.svid_hint or svid.hint == spec.svid_hint) and (
+            not spec.spiffe_id or _jwt_id(svid) == spec.spiffe_id
+        ):
+            return svid
+    return None
+
+
+def _jwt_id(svid: types_pb2.JWTSVID) -> str:
+    trust_domain = svid.id.trust_domain.removeprefix("spiffe://")
+    return f"spiffe://{trust_domain}{svid.id.path}"
+
+
 def _utc(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _digest(files: Mapping[str, FileContent]) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(files):
+        content = files[name]
+        h.update(b"%d:%s:%d:%d:" % (len(name), name.encode(), content.mode, len(content.data)))
+        h.update(content.data)
+    return h.digest()
