@@ -9,6 +9,7 @@ message built here contains key material or tokens.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -113,9 +114,24 @@ def split_der(data: bytes) -> tuple[bytes, ...]:
 
 def x509_from_response(resp: di.SubscribeToX509SVIDsResponse) -> X509Update:
     """Validate every SVID of a response; zero SVIDs is a valid (empty) update."""
-    svids = tuple(_svid(index, item) for index, item in enumerate(resp.x509_svids))
+    svids = tuple(_svid_of(index, item) for index, item in enumerate(resp.x509_svids))
     federates_with = tuple(sorted({normalise_trust_domain(td) for td in resp.federates_with}))
     return X509Update(svids, federates_with)
+
+
+def _svid_of(index: int, item: di.X509SVIDWithKey) -> X509SVID:
+    """Validated SVIDs are cached by their bytes: an agent sends the same SVID to every pod
+    of a registration entry, so a rotation is validated once, not once per volume, and the
+    volumes share one copy in memory."""
+    try:
+        return _validated(item.SerializeToString(deterministic=True))
+    except RenderError:
+        return _svid(index, item)  # the same error, naming this SVID's position
+
+
+@functools.lru_cache(maxsize=1024)
+def _validated(serialized: bytes) -> X509SVID:
+    return _svid(0, di.X509SVIDWithKey.FromString(serialized))
 
 
 def _svid(index: int, item: di.X509SVIDWithKey) -> X509SVID:

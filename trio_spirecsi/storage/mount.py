@@ -49,6 +49,9 @@ class Mounter(Protocol):
     def is_mounted(self, target: Path) -> bool:
         """True when something is mounted exactly at ``target``."""
 
+    def mount_points(self) -> frozenset[Path]:
+        """Every mount point (real paths), read once: for checking many targets at a time."""
+
 
 def _unescape(field: bytes) -> bytes:
     return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
@@ -143,6 +146,9 @@ class LinuxMounter:
             return False
         return any(m.mount_point == real for m in mount_table())
 
+    def mount_points(self) -> frozenset[Path]:
+        return frozenset(m.mount_point for m in mount_table())
+
 
 class FakeMounter:
     """In-memory mounter with the same contract, for fast tests of the modules above storage.
@@ -173,3 +179,6 @@ class FakeMounter:
 
     def is_mounted(self, target: Path) -> bool:
         return Path(os.path.abspath(target)) in self.mounts
+
+    def mount_points(self) -> frozenset[Path]:
+        return frozenset(self.mounts)

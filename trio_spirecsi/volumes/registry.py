@@ -165,10 +165,12 @@ class Registry:
         if not isinstance(context, dict):
             raise MetadataError("metadata has no volume_context")
         spec = parse_volume_context(context, volume_mount_group=md.volume_mount_group)
-        volume = self._start(md, spec)
+        # Mount before starting the volume: if the mount fails, nothing of it runs that
+        # could write into the folder once it is set aside.
         if not self._mounter.is_mounted(target):
             target.mkdir(exist_ok=True)
-            self._mounter.bind_readonly(volume.plan.data_dir, target)
+            self._mounter.bind_readonly(self._store.data_dir(md.volume_id), target)
+        volume = self._start(md, spec)
         log.event(
             logger, logging.INFO, "resumed_volume", volume_id=md.volume_id, pod=volume.plan.pod
         )
