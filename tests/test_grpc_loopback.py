@@ -261,3 +261,20 @@ def test_no_resource_warnings_under_dev_mode(sock_dir: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "done"
     assert "ResourceWarning" not in result.stderr, result.stderr
+
+
+async def test_the_socket_file_appears_only_once_the_server_accepts(sock_dir: Path) -> None:
+    import socket as stdsocket
+
+    path = sock_dir / "s.sock"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(Server().serve, str(path)))
+        with trio.fail_after(20):
+            while not path.exists():  # look at every scheduler turn, not every few ms
+                await trio.sleep(0)
+        probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))  # no ECONNREFUSED window between bind and listen
+        finally:
+            probe.close()
+        nursery.cancel_scope.cancel()

@@ -314,15 +314,23 @@ def _peer_credentials(sock: trio.socket.SocketType) -> PeerCredentials | None:
 
 async def _listen(path: str, mode: int | None) -> tuple[trio.SocketListener, tuple[int, int]]:
     await _clear_stale_socket(path)
+    # Bind under a temporary name and rename once listening: whoever sees the socket file
+    # can connect (no ECONNREFUSED window between bind and listen).
+    staging = path + ".new"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(staging)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        await sock.bind(path)
+        await sock.bind(staging)
         if mode is not None:
-            os.chmod(path, mode)
-        st = os.stat(path)
+            os.chmod(staging, mode)
         sock.listen(_BACKLOG)
+        os.rename(staging, path)
+        st = os.stat(path)
     except BaseException:
         sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
         raise
     return trio.SocketListener(sock), (st.st_dev, st.st_ino)
 
