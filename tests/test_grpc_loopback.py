@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 
 from tests.grpc_peer import eventually, short_dir
 from trio_spirecsi._proto.csi.v1 import csi_pb2 as csi
@@ -271,7 +272,7 @@ async def test_the_socket_file_appears_only_once_the_server_accepts(sock_dir: Pa
         nursery.start_soon(partial(Server().serve, str(path)))
         with trio.fail_after(20):
             while not path.exists():  # look at every scheduler turn, not every few ms
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
         probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
         try:
             probe.connect(str(path))  # no ECONNREFUSED window between bind and listen
