@@ -313,9 +313,10 @@ def _peer_credentials(sock: trio.socket.SocketType) -> PeerCredentials | None:
 
 
 async def _listen(path: str, mode: int | None) -> tuple[trio.SocketListener, tuple[int, int]]:
-    await _clear_stale_socket(path)
-    # Bind under a temporary name and rename once listening: whoever sees the socket file
-    # can connect (no ECONNREFUSED window between bind and listen).
+    await _check_stale_socket(path)
+    # Bind under a temporary name and rename once listening, over a stale socket if there
+    # is one: whoever sees the socket file can connect (no ECONNREFUSED window between bind
+    # and listen, no moment without a file).
     staging = path + ".new"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(staging)
@@ -335,7 +336,8 @@ async def _listen(path: str, mode: int | None) -> tuple[trio.SocketListener, tup
     return trio.SocketListener(sock), (st.st_dev, st.st_ino)
 
 
-async def _clear_stale_socket(path: str) -> None:
+async def _check_stale_socket(path: str) -> None:
+    """Refuse to replace anything but a socket nobody listens on (left behind by a crash)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -354,7 +356,6 @@ async def _clear_stale_socket(path: str) -> None:
         raise OSError(errno.EADDRINUSE, "another server is listening", path)
     finally:
         probe.close()
-    os.unlink(path)
 
 
 def _remove_socket(path: str, identity: tuple[int, int]) -> None:

@@ -71,7 +71,8 @@ class Volume:
         self.denied = False
         self.problem = ""
         """Why the files are not (or no longer) current, in operator terms; empty when fine."""
-        self.entitlement_lost = False
+        self.entitled: AsyncValue[bool] = AsyncValue(True)
+        """False once the agent stopped issuing an SVID for the pod (after it had one)."""
         self.spiffe_id = ""
         self.not_before = 0.0
         self.expires_at = 0.0
@@ -143,14 +144,14 @@ class Volume:
             if self.x509.value is None:
                 self._set_problem(self.no_entry_message())
             else:
-                self.entitlement_lost = True
+                self.entitled.value = False
                 self._set_problem(
                     "the SPIRE agent no longer issues an SVID for this pod (its registration "
                     "entry was removed or no longer matches); the files keep the last SVID "
                     "until it expires"
                 )
             return
-        self.entitlement_lost = False
+        self.entitled.value = True
         self.x509.value = update
         self._dirty.set()
 
@@ -254,6 +255,10 @@ class Volume:
                 pod=self.plan.pod,
                 reason=problem,
             )
+
+    @property
+    def entitlement_lost(self) -> bool:
+        return not self.entitled.value
 
     def no_entry_message(self) -> str:
         return (

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -57,8 +58,6 @@ SOCKET_MODE_WITH_GROUP = 0o660
 """root:<fsGroup>, read-write for the pod's group only."""
 SOCKET_MODE_WITHOUT_GROUP = 0o666
 """Without an fsGroup the pod's user is unknown; only this pod's mount reaches the socket."""
-ENTITLEMENT_CHECK = 5.0
-"""How often an open stream checks that the pod is still entitled to an identity (seconds)."""
 BUNDLE_WAIT = 10.0
 """How long a unary call waits for bundles the agent has not sent yet (seconds)."""
 JWT_FETCH_TIMEOUT = 30.0
@@ -77,7 +76,7 @@ class VolumeView(Protocol):
     def x509(self) -> AsyncValue[X509Update | None]: ...
 
     @property
-    def entitlement_lost(self) -> bool: ...
+    def entitled(self) -> AsyncValue[bool]: ...
 
 
 class AgentView(Protocol):
@@ -218,7 +217,7 @@ class WorkloadApi:
     def _identity(self) -> X509Update | None:
         """The pod's SVID set, None while none has arrived; refused once the agent
         stopped issuing one for the pod (as the agent itself refuses such a workload)."""
-        if self._volume.entitlement_lost:
+        if not self._volume.entitled.value:
             raise RpcError(StatusCode.PERMISSION_DENIED, NO_IDENTITY)
         update: X509Update | None = self._volume.x509.value
         return update
@@ -268,7 +267,7 @@ class WorkloadApi:
         send: StreamSender[_M],
     ) -> None:
         """Send a full response now (once there is one) and again on every change."""
-        sources: tuple[AsyncValue[Any], ...] = (self._volume.x509, bundles)
+        sources: tuple[AsyncValue[Any], ...] = (self._volume.x509, bundles, self._volume.entitled)
         last: _M | None = None
         while True:
             seen = [source.value for source in sources]
@@ -283,7 +282,7 @@ class WorkloadApi:
         self, build: Callable[[float], _T | None], bundles: AsyncValue[BundleSet]
     ) -> _T | None:
         """``build``'s answer once there is one, or None after BUNDLE_WAIT."""
-        sources: tuple[AsyncValue[Any], ...] = (self._volume.x509, bundles)
+        sources: tuple[AsyncValue[Any], ...] = (self._volume.x509, bundles, self._volume.entitled)
         with trio.move_on_after(BUNDLE_WAIT):
             while True:
                 seen = [source.value for source in sources]
@@ -297,9 +296,8 @@ class WorkloadApi:
     async def _changed(
         self, sources: Sequence[AsyncValue[Any]], seen: Sequence[object], now: float
     ) -> None:
-        """Return when a source no longer holds what was seen, when an SVID expires, or
-        after ENTITLEMENT_CHECK (the volume signals a lost entitlement by a flag only)."""
-        timeout = ENTITLEMENT_CHECK
+        """Return when a source no longer holds what was seen, or when an SVID expires."""
+        timeout = math.inf
         update = self._volume.x509.value
         if update is not None:
             expiries = [s.expires_at - now for s in update.svids if s.expires_at > now]
