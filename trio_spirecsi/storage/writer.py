@@ -225,9 +225,10 @@ def read_current(data_dir: Path) -> dict[str, bytes]:
 
     Raises FileNotFoundError when nothing was ever written.
     """
-    for _ in range(100):
+    for _ in range(1000):
         try:
-            fd = os.open(data_dir / DATA_LINK, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            generation = os.readlink(data_dir / DATA_LINK)
+            fd = os.open(data_dir / generation, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
             if os.path.lexists(data_dir / DATA_LINK):
                 continue
@@ -238,9 +239,13 @@ def read_current(data_dir: Path) -> dict[str, bytes]:
                 flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
                 with os.fdopen(os.open(name, flags, dir_fd=fd), "rb") as fh:
                     result[name] = fh.read()
-            return result
         except FileNotFoundError:
             continue
         finally:
             os.close(fd)
+        # A generation is removed only after ..data moved away from it: if ..data still
+        # points at it, nothing was removed while we read.
+        if os.readlink(data_dir / DATA_LINK) == generation:
+            return result
+    raise TimeoutError(f"{data_dir}: the files changed on every one of 1000 reads")
     raise FileNotFoundError(errno.ENOENT, "..data kept changing while being read", str(data_dir))
