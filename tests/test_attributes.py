@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml  # type: ignore[import-untyped]
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -534,3 +534,22 @@ def test_every_example_pod_in_the_documentation_is_accepted() -> None:
             parse_volume_context({**POD, **attributes})
             seen |= {key.removeprefix(P) for key in attributes}
     assert seen == ATTRIBUTE_NAMES
+
+
+def test_a_workload_api_socket_name_longer_than_a_socket_path_allows_is_refused() -> None:
+    from trio_spirecsi.errors import InvalidArgument as Invalid
+    from trio_spirecsi.volumes.attributes import parse_volume_context as parse
+
+    base = {
+        "csi.storage.k8s.io/pod.name": "p",
+        "csi.storage.k8s.io/pod.namespace": "n",
+        "csi.storage.k8s.io/pod.uid": "u",
+        "csi.storage.k8s.io/serviceAccount.name": "s",
+        "csi.storage.k8s.io/ephemeral": "true",
+        "csi.spire.io/workload-api": "true",
+    }
+    assert parse({**base, "csi.spire.io/workload-api-socket": "a" * 64}).workload_api
+    with pytest.raises(Invalid) as info:
+        parse({**base, "csi.spire.io/workload-api-socket": "a" * 65})
+    assert info.value.field == "volume_context[csi.spire.io/workload-api-socket]"
+    assert "64 bytes" in info.value.message

@@ -372,7 +372,9 @@ class _Parser:
             cert_file_mode=self._get("cert-file-mode", _cert_mode, d.cert_file_mode),
             key_file_mode=self._get("key-file-mode", _key_mode, default_key_mode),
             workload_api=self._get("workload-api", _bool, False),
-            workload_api_socket=self._get("workload-api-socket", _file_name, d.workload_api_socket),
+            workload_api_socket=self._get(
+                "workload-api-socket", _socket_name, d.workload_api_socket
+            ),
         )
         _check_names(spec)
         return spec
@@ -461,6 +463,19 @@ def _file_name(name: str, value: str) -> str:
     problem = file_name_problem(value)
     if problem is not None:
         raise InvalidArgument(_field(name), problem)
+    return value
+
+
+SOCKET_NAME_MAX = 64
+"""A unix socket path is at most 107 bytes; the server binds through /proc/self/fd/N/."""
+
+
+def _socket_name(name: str, value: str) -> str:
+    _file_name(name, value)
+    if len(value.encode()) > SOCKET_NAME_MAX:
+        raise InvalidArgument(
+            _field(name), f"a socket name is at most {SOCKET_NAME_MAX} bytes (unix socket limit)"
+        )
     return value
 
 
