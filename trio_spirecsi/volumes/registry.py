@@ -132,9 +132,10 @@ class Registry:
                 log.event(logger, logging.WARNING, "orphan_removed", folder=str(path))
             except OSError as exc:
                 log.event(logger, logging.ERROR, "orphan_kept", folder=str(path), error=str(exc))
+        mounted = self._mounter.mount_points()  # once: one read per volume is quadratic
         for md in result.valid:
             try:
-                self._resume(md)
+                self._resume(md, mounted)
             except (SpireCSIError, MetadataError, MountError) as exc:
                 aside = self._store.set_aside(self._store.volume_dir(md.volume_id))
                 log.event(
@@ -153,7 +154,7 @@ class Registry:
             duration_ms=round((time.perf_counter() - started) * 1000, 1),
         )
 
-    def _resume(self, md: VolumeMetadata) -> None:
+    def _resume(self, md: VolumeMetadata, mounted: frozenset[Path]) -> None:
         target = Path(md.target_path)
         if not target.parent.is_dir():
             # The pod's folder is gone: the kubelet tore the pod down while we were away.
@@ -167,7 +168,7 @@ class Registry:
         spec = parse_volume_context(context, volume_mount_group=md.volume_mount_group)
         # Mount before starting the volume: if the mount fails, nothing of it runs that
         # could write into the folder once it is set aside.
-        if not self._mounter.is_mounted(target):
+        if Path(os.path.realpath(target)) not in mounted:
             target.mkdir(exist_ok=True)
             self._mounter.bind_readonly(self._store.data_dir(md.volume_id), target)
         volume = self._start(md, spec)
