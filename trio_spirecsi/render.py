@@ -42,6 +42,7 @@ _CRYPTO_ERRORS = (
     UnsupportedAlgorithm,
     x509.DuplicateExtension,
     x509.UnsupportedGeneralNameType,
+    x509.InvalidVersion,  # an Exception, not a ValueError: a certificate claiming v2
 )
 _LABEL = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9._-]{{0,{LABEL_MAX - 1}}}")
 _JWT = re.compile(r"[A-Za-z0-9_=-]+(\.[A-Za-z0-9_=-]*)+")

@@ -69,7 +69,7 @@ class NodeService:
                 "readonly", "must be true: declare the pod's csi volume with readOnly: true"
             )
         group = capability.mount.volume_mount_group
-        if group and not (group.isdigit() and int(group) < 2**32):
+        if group and not (group.isascii() and group.isdigit() and int(group) < 2**32):
             raise InvalidArgument(
                 "volume_capability.mount.volume_mount_group", f"{group!r} is not a numeric gid"
             )
@@ -174,8 +174,10 @@ class NodeService:
     def _target(self, value: str, field: str) -> Path:
         """An absolute path whose real location is inside --kubelet-dir."""
         path = _required(value, field)
-        if not os.path.isabs(path) or ".." in path.split("/"):
-            raise InvalidArgument(field, f"{path!r} must be an absolute path without '..'")
+        if not os.path.isabs(path) or ".." in path.split("/") or "\0" in path:
+            raise InvalidArgument(
+                field, f"{path!r} must be an absolute path without '..' or NUL characters"
+            )
         root = os.path.realpath(self._kubelet_dir)
         real = os.path.realpath(path)
         if os.path.commonpath([root, real]) != root or real == root:

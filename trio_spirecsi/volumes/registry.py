@@ -25,6 +25,7 @@ from ..metrics import Metrics
 from ..spire.agent import AgentClient
 from ..storage.metadata import MetadataError, MetadataStore, VolumeMetadata
 from ..storage.mount import Mounter, MountError
+from ..storage.writer import DATA_LINK
 from .attributes import VolumeSpec, parse_volume_context
 from .selectors import selectors_for
 from .volume import Volume, VolumePlan
@@ -250,7 +251,10 @@ class Registry:
                 f"volume {req.volume_id} is already published at {md.target_path} with other "
                 "parameters; unpublish it first"
             )
-        if not volume.written.is_set():
+        # Resumed files from a previous driver are complete (the writer only ever points
+        # ..data at a whole generation): the volume is published, whatever the agent does now.
+        resumed = (volume.plan.data_dir / DATA_LINK).is_dir()
+        if not volume.written.is_set() and not resumed:
             raise PublishFailed("unavailable", volume.problem or "waiting for the first SVID")
         if not self._mounter.is_mounted(req.target_path):
             req.target_path.mkdir(exist_ok=True)
