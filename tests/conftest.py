@@ -114,3 +114,25 @@ def _detach_mounts_under(path: Path) -> None:
     points = [m.mount_point for m in mount_table() if m.mount_point.is_relative_to(path)]
     for point in reversed(points):
         subprocess.run(["umount", "--lazy", str(point)], check=False)
+
+
+# Hypothesis profiles ---------------------------------------------------------------------
+# `ci` (the default) keeps the whole suite within its budget; `long` (HYPOTHESIS_PROFILE=long,
+# `just soak`) runs the state machine for much longer. Examples drive real sockets, mounts and
+# processes, so they have no deadline and may be slow to generate.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci",
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "long",
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+    max_examples=2000,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
