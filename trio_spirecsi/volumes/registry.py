@@ -264,11 +264,11 @@ class Registry:
         waited = f"within {self._publish_timeout:g}s"
         if volume.denied:
             return PublishFailed("permission_denied", volume.problem)
-        if not self._agent.connected.value and not volume.problem.startswith("no registration"):
+        if not self._agent.connected.value and not volume.unmatched:
             return PublishFailed(
                 "unavailable", f"no SVID {waited}: {volume.problem or self._agent.last_error}"
             )
-        if volume.problem and not volume.problem.startswith("no registration"):
+        if volume.problem and not volume.unmatched:
             return PublishFailed("timeout", f"no usable SVID {waited}: {volume.problem}")
         return PublishFailed("timeout", f"no SVID {waited}: {volume.no_entry_message()}")
 

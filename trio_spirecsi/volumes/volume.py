@@ -69,6 +69,8 @@ class Volume:
         """Set when publish can stop waiting: files written, or the agent refused us."""
         self.finished = trio.Event()
         self.denied = False
+        self.unmatched = False
+        """The agent answered, with no SVID: no registration entry matches (yet)."""
         self.problem = ""
         """Why the files are not (or no longer) current, in operator terms; empty when fine."""
         self.entitled: AsyncValue[bool] = AsyncValue(True)
@@ -134,6 +136,7 @@ class Volume:
 
     def _on_svids(self, response: di.SubscribeToX509SVIDsResponse) -> None:
         self.denied = False
+        self.unmatched = False
         try:
             update = x509_from_response(response)
         except RenderError as exc:
@@ -142,6 +145,7 @@ class Volume:
             return
         if not update.svids:
             if self.x509.value is None:
+                self.unmatched = True
                 self._set_problem(self.no_entry_message())
             else:
                 self.entitled.value = False
