@@ -20,7 +20,7 @@ demo: setup
 # The whole test suite (in a private mount namespace), then lint and types
 test: setup
     unshare -m --propagation private {{venv}}/pytest -q -p no:cacheprovider
-    just check
+    {{just_executable()}} check
 
 # ruff and mypy --strict
 check:
