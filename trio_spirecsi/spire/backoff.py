@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import random
 
+_SHARED = random.Random()
+"""One generator for every Backoff: a Random's state is 2.5 KiB, too much per volume."""
+
 
 class Backoff:
     def __init__(
@@ -12,7 +15,7 @@ class Backoff:
     ) -> None:
         self.initial = initial
         self.maximum = maximum
-        self._rng = rng or random.Random()
+        self._rng = rng or _SHARED
         self._attempts = 0
 
     def next(self) -> float:

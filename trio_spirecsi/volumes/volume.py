@@ -16,7 +16,6 @@ from pathlib import Path
 
 import trio
 from cryptography import x509
-from trio_util import AsyncValue
 
 from .. import log
 from .._proto.spire.api.agent.delegatedidentity.v1 import delegatedidentity_pb2 as di
@@ -28,6 +27,7 @@ from ..render import X509Update, render_files, select_svids, x509_from_response
 from ..spire.agent import AgentClient, Selector
 from ..spire.backoff import Backoff
 from ..storage.writer import FileContent, write_atomically
+from ..watched import Watched
 from .attributes import VolumeSpec
 from .selectors import format_selectors
 
@@ -73,12 +73,12 @@ class Volume:
         """The agent answered, with no SVID: no registration entry matches (yet)."""
         self.problem = ""
         """Why the files are not (or no longer) current, in operator terms; empty when fine."""
-        self.entitled: AsyncValue[bool] = AsyncValue(True)
+        self.entitled: Watched[bool] = Watched(True)
         """False once the agent stopped issuing an SVID for the pod (after it had one)."""
         self.spiffe_id = ""
         self.not_before = 0.0
         self.expires_at = 0.0
-        self.x509: AsyncValue[X509Update | None] = AsyncValue(None)
+        self.x509: Watched[X509Update | None] = Watched(None)
         """The agent's latest non-empty SVID set for this pod (all SVIDs, before selection)."""
         self._jwt: dict[tuple[str, ...], Jwt] = {}
         self._written_digest: bytes | None = None

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 import trio
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
-from trio_util import AsyncValue, wait_any
+from trio_util import wait_any
 
 from .. import log
 from .._proto.spiffe.workload import workload_pb2 as wl
@@ -38,6 +38,7 @@ from ..spire.agent import BundleSet, Selector
 from ..spire.backoff import Backoff
 from ..storage.writer import SELINUX_XATTR
 from ..volumes.attributes import spiffe_id_problem
+from ..watched import Observable
 from .jwt import JwtSvidError, validate_jwt_svid
 from .responses import (
     current_svids,
@@ -73,20 +74,20 @@ class VolumeView(Protocol):
     def plan(self) -> VolumePlan: ...
 
     @property
-    def x509(self) -> AsyncValue[X509Update | None]: ...
+    def x509(self) -> Observable[X509Update | None]: ...
 
     @property
-    def entitled(self) -> AsyncValue[bool]: ...
+    def entitled(self) -> Observable[bool]: ...
 
 
 class AgentView(Protocol):
     """What the server uses of the agent client."""
 
     @property
-    def x509_bundles(self) -> AsyncValue[BundleSet]: ...
+    def x509_bundles(self) -> Observable[BundleSet]: ...
 
     @property
-    def jwt_bundles(self) -> AsyncValue[BundleSet]: ...
+    def jwt_bundles(self) -> Observable[BundleSet]: ...
 
     async def fetch_jwt_svid(
         self, selectors: Sequence[Selector], audiences: Sequence[str], timeout: float = ...
@@ -263,11 +264,11 @@ class WorkloadApi:
     async def _stream(
         self,
         build: Callable[[float], _M | None],
-        bundles: AsyncValue[BundleSet],
+        bundles: Observable[BundleSet],
         send: StreamSender[_M],
     ) -> None:
         """Send a full response now (once there is one) and again on every change."""
-        sources: tuple[AsyncValue[Any], ...] = (self._volume.x509, bundles, self._volume.entitled)
+        sources: tuple[Observable[Any], ...] = (self._volume.x509, bundles, self._volume.entitled)
         last: _M | None = None
         while True:
             seen = [source.value for source in sources]
@@ -279,10 +280,10 @@ class WorkloadApi:
             await self._changed(sources, seen, now)
 
     async def _wait_for(
-        self, build: Callable[[float], _T | None], bundles: AsyncValue[BundleSet]
+        self, build: Callable[[float], _T | None], bundles: Observable[BundleSet]
     ) -> _T | None:
         """``build``'s answer once there is one, or None after BUNDLE_WAIT."""
-        sources: tuple[AsyncValue[Any], ...] = (self._volume.x509, bundles, self._volume.entitled)
+        sources: tuple[Observable[Any], ...] = (self._volume.x509, bundles, self._volume.entitled)
         with trio.move_on_after(BUNDLE_WAIT):
             while True:
                 seen = [source.value for source in sources]
@@ -294,7 +295,7 @@ class WorkloadApi:
         return None
 
     async def _changed(
-        self, sources: Sequence[AsyncValue[Any]], seen: Sequence[object], now: float
+        self, sources: Sequence[Observable[Any]], seen: Sequence[object], now: float
     ) -> None:
         """Return when a source no longer holds what was seen, or when an SVID expires."""
         timeout = math.inf
