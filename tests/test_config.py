@@ -1,0 +1,88 @@
+"""Flags and environment variables become one validated Settings value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trio_spirecsi.config import ConfigError, parse_csi_endpoint, parse_serve
+
+REQUIRED = [
+    "--csi-endpoint",
+    "unix:///csi/csi.sock",
+    "--admin-socket",
+    "/run/spire/admin/admin.sock",
+    "--node-id",
+    "node-a",
+    "--state-dir",
+    "/run/trio-spirecsi",
+]
+
+
+def test_flags_give_settings_with_documented_defaults() -> None:
+    settings = parse_serve(REQUIRED, environ={})
+    assert settings.csi_socket == Path("/csi/csi.sock")
+    assert settings.admin_socket == Path("/run/spire/admin/admin.sock")
+    assert settings.node_id == "node-a"
+    assert settings.kubelet_dir == Path("/var/lib/kubelet")
+    assert settings.driver_name == "csi.spire.io"
+    assert settings.publish_timeout == 30.0
+    assert (settings.log_level, settings.log_format, settings.metrics_addr) == ("info", "text", "")
+
+
+def test_every_setting_comes_from_the_environment_and_flags_win() -> None:
+    environ = {
+        "TRIO_SPIRECSI_CSI_ENDPOINT": "/plugins/csi.sock",
+        "TRIO_SPIRECSI_ADMIN_SOCKET": "/admin.sock",
+        "TRIO_SPIRECSI_NODE_ID": "from-env",
+        "TRIO_SPIRECSI_STATE_DIR": "/state",
+        "TRIO_SPIRECSI_KUBELET_DIR": "/var/snap/microk8s/common/var/lib/kubelet",
+        "TRIO_SPIRECSI_PUBLISH_TIMEOUT": "5",
+        "TRIO_SPIRECSI_LOG_FORMAT": "json",
+    }
+    settings = parse_serve(["--node-id", "from-flag"], environ=environ)
+    assert settings.node_id == "from-flag"
+    assert settings.csi_socket == Path("/plugins/csi.sock")
+    assert settings.kubelet_dir == Path("/var/snap/microk8s/common/var/lib/kubelet")
+    assert settings.publish_timeout == 5.0
+    assert settings.log_format == "json"
+
+
+def test_missing_settings_are_named_with_their_environment_variable() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_serve(["--node-id", "n"], environ={})
+    message = str(info.value)
+    for name in ("--csi-endpoint", "TRIO_SPIRECSI_ADMIN_SOCKET", "--state-dir"):
+        assert name in message
+    assert "--node-id" not in message
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--publish-timeout", "soon", "give seconds"),
+        ("--publish-timeout", "0", "between 0 and 600"),
+        ("--state-dir", "relative/dir", "absolute path"),
+        ("--node-id", " ", "node name"),
+        ("--csi-endpoint", "tcp://127.0.0.1:10000", "only unix sockets"),
+    ],
+)
+def test_bad_values_say_what_to_fix(flag: str, value: str, says: str) -> None:
+    argv = [*REQUIRED, flag, value]
+    with pytest.raises(ConfigError) as info:
+        parse_serve(argv, environ={})
+    assert says in str(info.value)
+
+
+def test_bad_choice_from_the_environment_lists_the_choices() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_serve(REQUIRED, environ={"TRIO_SPIRECSI_LOG_FORMAT": "yaml"})
+    assert "text, json" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["unix:///csi/csi.sock", "unix:/csi/csi.sock", "/csi/csi.sock"]
+)
+def test_csi_endpoint_forms(endpoint: str) -> None:
+    assert parse_csi_endpoint(endpoint) == Path("/csi/csi.sock")
