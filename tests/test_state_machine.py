@@ -4,10 +4,12 @@ Hypothesis drives the real daemon (in-process on its real unix socket, or as its
 for ``kill -9``), the dev agent on another socket, and real read-only bind mounts, through
 random sequences of:
 
-- the kubelet: publish (valid and refused attribute sets), the same publish again, a
-  conflicting one, unpublish (known, unknown, twice), retries after a failed call;
-- the agent: rotation, a new CA, an extra root in the bundle, an entry revoked and restored,
-  the agent stopped and started again (same CA, or a new agent with a new CA);
+- the kubelet: publish (one pod, or several at once; valid and refused attribute sets), the
+  same publish again, a conflicting one, unpublish (known, unknown, twice), retries after a
+  failed call;
+- the agent: rotation, a new CA, an extra root in the bundle, an entry revoked and restored
+  (a pod that matches no entry at publish time), the agent stopped and started again (same
+  CA; a new agent with a new CA; a new agent that does not list the driver as a delegate);
 - the driver: a graceful stop, a crash (its root scope cancelled after a random number of
   checkpoints, while a publish, an unpublish or a rotation is in flight), ``kill -9`` of a
   driver process, a restart on the same state directory;
@@ -23,6 +25,9 @@ What the driver guarantees, and therefore what is asserted:
   volume is either held (folder, mount, agent stream) or entirely gone; the kubelet retries;
 - the mounted targets are exactly the volumes held, plus volumes whose metadata was set
   aside as corrupt (they stay mounted until the kubelet unpublishes them);
+- every kubelet call gets the answer a kubelet can act on: OK, INVALID_ARGUMENT naming the
+  field, ALREADY_EXISTS, FAILED_PRECONDITION (no entry), UNAVAILABLE (agent or driver down)
+  or PERMISSION_DENIED (not a delegate), and a failed publish leaves nothing behind;
 - a published volume's files always parse and its key matches its certificate (also while
   no driver or no agent runs); with the agent up and the entry not revoked, the SVID is the
   one the agent currently issues for the pod and the bundle is the agent's current one;
@@ -56,7 +61,7 @@ from typing import Any, Literal, TypeVar
 import pytest
 import trio
 from cryptography import x509
-from hypothesis import settings
+from hypothesis import currently_in_test_context, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -68,6 +73,7 @@ from hypothesis.stateful import (
 
 from tests.harness import Node, mounts_under, open_node, read_identity
 from trio_spirecsi import daemon
+from trio_spirecsi._proto.csi.v1 import csi_pb2 as csi
 from trio_spirecsi.csi.client import Pod, publish_request, volume_context
 from trio_spirecsi.daemon import Daemon
 from trio_spirecsi.devagent.agent import DevAgent
@@ -88,9 +94,17 @@ PUBLISH_TIMEOUT = 1.0
 """The driver's publish timeout here: a publish that cannot succeed costs this long."""
 SETTLE_TIMEOUT = 60.0
 """Longest wait for the system to settle; above the agent client's 30 s maximum backoff."""
-CALL_TIMEOUT = 60.0
+RESTART = st.sampled_from(["stay-down", "in-process", "own-process"])
+"""After stopping the driver: leave it down for the next steps, or start a new one."""
+AGENT_KINDS = ("same", "new-ca", "refusing")
 FS_GROUP = 4321
 PRIVATE_KEY_MARK = b"PRIVATE KEY-----"
+
+
+def note(value: str) -> None:
+    """Count an outcome in hypothesis' statistics (when run by hypothesis, not replayed)."""
+    if currently_in_test_context():
+        event(value)
 
 
 def identity_of(namespace: str, account: str) -> str:
@@ -165,6 +179,7 @@ ATTRIBUTE_SETS: dict[str, AttributeSet] = {
     "named-group": AttributeSet(fs_group="staff", refused_field="volume_mount_group"),
 }
 VALID_SETS = tuple(k for k, v in ATTRIBUTE_SETS.items() if v.refused_field is None)
+REFUSED_SETS = tuple(k for k, v in ATTRIBUTE_SETS.items() if v.refused_field)
 
 
 # The model --------------------------------------------------------------------------
@@ -317,7 +332,7 @@ class DriverMachine(RuleBasedStateMachine):
             shutil.rmtree(self.root)
 
     async def _shutdown(self) -> None:
-        await self._stop_driver(graceful=True)
+        await self._stop_driver(graceful=True, check=False)
         self._close_node.set()
         with trio.fail_after(60):
             await self._node_closed.wait()
@@ -339,7 +354,7 @@ class DriverMachine(RuleBasedStateMachine):
 
     def _request(
         self, volume: Volume, *, target: Path | None = None, attrs: str | None = None
-    ) -> Any:
+    ) -> csi.NodePublishVolumeRequest:
         chosen = ATTRIBUTE_SETS[attrs or volume.attrs]
         return publish_request(
             volume.volume_id,
@@ -348,21 +363,22 @@ class DriverMachine(RuleBasedStateMachine):
             fs_group=chosen.fs_group,
         )
 
-    async def _call(self, coro: Awaitable[None]) -> RpcError | None:
+    async def _call(self, call: Callable[[], Awaitable[None]]) -> RpcError | None:
+        """A kubelet call: None for OK, else the error status."""
         try:
-            await coro
+            await call()
         except RpcError as exc:
             return exc
         return None
 
     def publish(self, volume: Volume, **changes: Any) -> RpcError | None:
         request = self._request(volume, **changes)
-        return self.loop.call(self._call, self.node.client.publish(request))
+        return self.loop.call(self._call, functools.partial(self.node.client.publish, request))
 
     def unpublish(self, volume: Volume) -> RpcError | None:
-        return self.loop.call(
-            self._call, self.node.client.unpublish(volume.volume_id, str(volume.target))
-        )
+        client = self.node.client
+        call = functools.partial(client.unpublish, volume.volume_id, str(volume.target))
+        return self.loop.call(self._call, call)
 
     @property
     def entitled_agent(self) -> bool:
@@ -427,7 +443,7 @@ class DriverMachine(RuleBasedStateMachine):
                     pass
                 await trio.sleep(0.02)
 
-    async def _stop_driver(self, *, graceful: bool) -> None:
+    async def _stop_driver(self, *, graceful: bool, check: bool = True) -> None:
         driver, self.driver = self.driver, None
         if driver is None:
             return
@@ -441,7 +457,7 @@ class DriverMachine(RuleBasedStateMachine):
             else:
                 driver.proc.kill()
             code = await trio.to_thread.run_sync(driver.proc.wait, SETTLE_TIMEOUT)
-            if graceful and code != 0:
+            if graceful and check and code != 0:
                 raise Failure(f"driver exited with {code} on SIGTERM: {self._log_tail(driver)}")
 
     def _log_tail(self, driver: Driver | None = None) -> str:
@@ -459,11 +475,16 @@ class DriverMachine(RuleBasedStateMachine):
     def start_driver(self, own_process: bool) -> None:
         self.loop.call(self._start_process if own_process else self._start_in_process)
 
+    def _then(self, restart: str) -> None:
+        if restart != "stay-down":
+            self.start_driver(own_process=restart == "own-process")
+
     @precondition(lambda self: self.driver_up)
-    @rule()
-    def stop_driver(self) -> None:
-        """SIGTERM: stop serving, leave every volume mounted."""
+    @rule(restart=RESTART)
+    def stop_driver(self, restart: str) -> None:
+        """SIGTERM: stop serving, leave every volume mounted; maybe start a new driver."""
         self.loop.call(lambda: self._stop_driver(graceful=True))
+        self._then(restart)
 
     @precondition(lambda self: self.driver is not None and self.driver.scope is not None)
     @rule(
@@ -471,8 +492,11 @@ class DriverMachine(RuleBasedStateMachine):
         checkpoints=st.sampled_from([0, 1, 3, 10, 30, 100]),
         sleep=st.sampled_from([0.0, 0.001, 0.01, 0.05]),
         pick=st.integers(0, 7),
+        restart=RESTART,
     )
-    def crash_driver(self, inflight: str, checkpoints: int, sleep: float, pick: int) -> None:
+    def crash_driver(
+        self, inflight: str, checkpoints: int, sleep: float, pick: int, restart: str
+    ) -> None:
         """Cancel the in-process driver's root scope at some point of a call in flight."""
 
         async def crash() -> None:
@@ -482,14 +506,16 @@ class DriverMachine(RuleBasedStateMachine):
             await self._stop_driver(graceful=False)
 
         self._interrupt(inflight, pick, crash)
+        self._then(restart)
 
     @precondition(lambda self: self.driver is not None and self.driver.proc is not None)
     @rule(
         inflight=st.sampled_from(["nothing", "publish", "unpublish", "rotation"]),
         delay=st.sampled_from([0.0, 0.002, 0.01, 0.03, 0.1]),
         pick=st.integers(0, 7),
+        restart=RESTART,
     )
-    def kill_driver(self, inflight: str, delay: float, pick: int) -> None:
+    def kill_driver(self, inflight: str, delay: float, pick: int, restart: str) -> None:
         """kill -9 the driver process while a call is in flight."""
 
         async def kill() -> None:
@@ -497,6 +523,7 @@ class DriverMachine(RuleBasedStateMachine):
             await self._stop_driver(graceful=False)
 
         self._interrupt(inflight, pick, kill)
+        self._then(restart)
 
     def _interrupt(self, inflight: str, pick: int, stop: Callable[[], Awaitable[None]]) -> None:
         volume: Volume | None = None
@@ -521,7 +548,8 @@ class DriverMachine(RuleBasedStateMachine):
                 if call is not None:
 
                     async def kubelet() -> None:
-                        outcome.append(await self._call(call()))
+                        assert call is not None
+                        outcome.append(await self._call(call))
 
                     nursery.start_soon(kubelet)
                 await stop()
@@ -530,12 +558,10 @@ class DriverMachine(RuleBasedStateMachine):
         if volume is None:
             return
         error = outcome[0]
+        note(f"{inflight} interrupted: {'answered OK' if error is None else 'cut off'}")
         if inflight == "publish":
-            if error is None:
-                self.volumes[volume.volume_id] = volume
-            else:
-                volume.status = "publish-uncertain"
-                self.volumes[volume.volume_id] = volume
+            volume.status = "published" if error is None else "publish-uncertain"
+            self.volumes[volume.volume_id] = volume
         elif error is None:
             self._unpublished(volume)
         else:
@@ -544,7 +570,7 @@ class DriverMachine(RuleBasedStateMachine):
     # Kubelet ------------------------------------------------------------------------
 
     @rule(
-        attrs=st.sampled_from(sorted(ATTRIBUTE_SETS)),
+        attrs=st.sampled_from(VALID_SETS),
         namespace=st.sampled_from(NAMESPACES),
         account=st.sampled_from(ACCOUNTS),
         name=st.sampled_from(POD_NAMES),
@@ -554,19 +580,61 @@ class DriverMachine(RuleBasedStateMachine):
         self, attrs: str, namespace: str, account: str, name: str, odd_id: bool
     ) -> None:
         volume = self._new_volume(namespace, account, name, attrs, odd_id)
-        error = self.publish(volume)
-        refused = volume.attribute_set.refused_field
+        self._published_new(volume, self.publish(volume))
+
+    @rule(
+        count=st.integers(2, 4),
+        attrs=st.sampled_from(VALID_SETS),
+        namespace=st.sampled_from(NAMESPACES),
+        account=st.sampled_from(ACCOUNTS),
+    )
+    def publish_many(self, count: int, attrs: str, namespace: str, account: str) -> None:
+        """Several pods of one workload at once: the kubelet publishes concurrently."""
+        volumes = [
+            self._new_volume(namespace, account, POD_NAMES[n % 2], attrs, False)
+            for n in range(count)
+        ]
+        client = self.node.client
+        errors: dict[str, RpcError | None] = {}
+
+        async def one(volume: Volume) -> None:
+            call = functools.partial(client.publish, self._request(volume))
+            errors[volume.volume_id] = await self._call(call)
+
+        async def publish_all() -> None:
+            async with trio.open_nursery() as nursery:
+                for volume in volumes:
+                    nursery.start_soon(one, volume)
+
+        self.loop.call(publish_all)
+        for volume in volumes:
+            self._published_new(volume, errors[volume.volume_id])
+
+    def _published_new(self, volume: Volume, error: RpcError | None) -> None:
+        note(f"publish: {error.code.name if error else 'OK'}")
         if not self.driver_up:
             self._expect_unavailable_driver(error, "publish")
-        elif refused is not None:
-            if error is None or error.code != StatusCode.INVALID_ARGUMENT:
-                raise Failure(f"attributes {attrs!r} were not refused: {error!r}")
-            if refused not in error.message:
-                raise Failure(f"refusal does not name {refused}: {error.message}")
         else:
             self._expect_publish_outcome(volume, error)
         if error is None:
             self.volumes[volume.volume_id] = volume
+
+    @rule(
+        attrs=st.sampled_from(REFUSED_SETS),
+        namespace=st.sampled_from(NAMESPACES),
+        account=st.sampled_from(ACCOUNTS),
+    )
+    def publish_refused(self, attrs: str, namespace: str, account: str) -> None:
+        """Attributes the driver must refuse, naming the field, before anything else."""
+        volume = self._new_volume(namespace, account, "a", attrs, False)
+        error = self.publish(volume)
+        refused = volume.attribute_set.refused_field
+        if not self.driver_up:
+            self._expect_unavailable_driver(error, "publish")
+        elif error is None or error.code != StatusCode.INVALID_ARGUMENT:
+            raise Failure(f"attributes {attrs!r} were not refused: {error!r}")
+        elif refused is None or refused not in error.message:
+            raise Failure(f"refusal does not name {refused}: {error.message}")
 
     def _expect_publish_outcome(self, volume: Volume, error: RpcError | None) -> None:
         if not self.agent_up:
@@ -627,6 +695,8 @@ class DriverMachine(RuleBasedStateMachine):
         if volume is None:
             return
         error = self.publish(volume)
+        if self.driver_up:
+            note(f"retry_publish of {volume.status}: {error.code.name if error else 'OK'}")
         if not self.driver_up:
             self._expect_unavailable_driver(error, "publish")
             return
@@ -709,13 +779,15 @@ class DriverMachine(RuleBasedStateMachine):
         self.revoked.discard(spiffe_id)
 
     @precondition(lambda self: self.agent_up)
-    @rule()
-    def stop_agent(self) -> None:
+    @rule(restart=st.sampled_from(["stay-down", *AGENT_KINDS]))
+    def stop_agent(self, restart: str) -> None:
         self.loop.call(self.node.stop_agent)
         self.agent_up = False
+        if restart != "stay-down":
+            self.start_agent(restart)
 
     @precondition(lambda self: not self.agent_up)
-    @rule(kind=st.sampled_from(["same", "new-ca", "refusing"]))
+    @rule(kind=st.sampled_from(AGENT_KINDS))
     def start_agent(self, kind: str) -> None:
         """The same agent again, a new one with a new CA, or a new one whose configuration
         does not list the driver as an authorized delegate."""
@@ -814,6 +886,7 @@ class DriverMachine(RuleBasedStateMachine):
     def settled(self) -> None:
         """Safety now, then everything else within a bounded wait."""
         self.loop.call(self._settle)
+        self._resolve()
 
     async def _settle(self) -> None:
         self._check_safety()
@@ -831,7 +904,6 @@ class DriverMachine(RuleBasedStateMachine):
                 await trio.sleep(0.02)
         if last is not None:
             raise Failure(f"not settled within {SETTLE_TIMEOUT:g}s: {last}") from last
-        self._resolve()
         self._check_safety()
 
     def _check_alive(self) -> None:
@@ -972,6 +1044,7 @@ class DriverMachine(RuleBasedStateMachine):
             return
         for volume in self.volumes.values():
             if volume.status == "publish-uncertain" and not self._held(volume):
+                note("interrupted publish: gone after the restart")
                 volume.status = "failed"
         corrupt = self.node.state_dir / ".corrupt"
         for path, st_ in _files(corrupt):
@@ -990,7 +1063,7 @@ def _files(root: Path) -> Iterator[tuple[Path, os.stat_result]]:
 
 
 TestDriverStateMachine = DriverMachine.TestCase
-TestDriverStateMachine.settings = settings(
-    max_examples=2000 if LONG else 12,
-    stateful_step_count=60 if LONG else 25,
+# ci: about a minute on 2 shared cores. long: the profile's max_examples, longer sequences.
+TestDriverStateMachine.settings = (
+    settings(stateful_step_count=80) if LONG else settings(max_examples=40, stateful_step_count=40)
 )

@@ -38,7 +38,7 @@ def test_failed_resume_leaves_no_task_writing_into_the_set_aside_folder(own_proc
     before the mount, kept running, and crashed the whole driver (FileNotFoundError) when its
     first SVID arrived and it tried to write into the folder that had been moved away."""
     replay(
-        lambda s: s.stop_driver(),
+        lambda s: s.stop_driver(restart="stay-down"),
         lambda s: s.interrupted_publish(account="web", namespace="default", stage="metadata"),
         lambda s: s.start_driver(own_process=own_process),
         lambda s: s.rotate(),
@@ -58,8 +58,8 @@ def test_identical_publish_of_a_resumed_volume_succeeds_while_the_agent_is_down(
         lambda s: s.publish_new(
             account="web", attrs="defaults", name="a", namespace="default", odd_id=False
         ),
-        lambda s: s.stop_agent(),
-        lambda s: s.stop_driver(),
+        lambda s: s.stop_agent(restart="stay-down"),
+        lambda s: s.stop_driver(restart="stay-down"),
         lambda s: s.start_driver(own_process=own_process),
         lambda s: s.publish_again(pick=0),
     )
