@@ -31,6 +31,8 @@ What the driver guarantees, and therefore what is asserted:
 - a published volume's files always parse and its key matches its certificate (also while
   no driver or no agent runs); with the agent up and the entry not revoked, the SVID is the
   one the agent currently issues for the pod and the bundle is the agent's current one;
+- NodeGetVolumeStats reports such a volume as normal, and one whose registration entry was
+  revoked as abnormal;
 - the agent's open SVID streams are exactly one per held volume (no leaked stream), and no
   stream at all while no driver runs;
 - the state directory holds a folder only for a held volume; no private key anywhere in it
@@ -703,7 +705,7 @@ class DriverMachine(RuleBasedStateMachine):
         if error is None:
             volume.status = "published"
             return
-        if self.entitled(volume) and volume.status == "failed":
+        if self.entitled(volume):
             raise Failure(f"retried publish of {volume.volume_id} failed: {error!r}")
         expected = (
             StatusCode.UNAVAILABLE,
@@ -896,6 +898,7 @@ class DriverMachine(RuleBasedStateMachine):
                 self._check_alive()
                 try:
                     self._check_settled()
+                    await self._check_conditions()
                 except AssertionError as exc:
                     last = exc
                 else:
@@ -905,6 +908,24 @@ class DriverMachine(RuleBasedStateMachine):
         if last is not None:
             raise Failure(f"not settled within {SETTLE_TIMEOUT:g}s: {last}") from last
         self._check_safety()
+
+    async def _check_conditions(self) -> None:
+        """NodeGetVolumeStats' condition: normal while the agent serves the pod, abnormal once
+        the pod's registration entry is gone (the files keep an SVID nobody renews)."""
+        if not self.driver_up:
+            return
+        for volume in self.volumes.values():
+            revoked = self.entitled_agent and volume.spiffe_id in self.revoked
+            if not self._held(volume) or not (self.entitled(volume) or revoked):
+                continue
+            try:
+                stats = await self.node.client.stats(volume.volume_id, str(volume.target))
+            except RpcError as exc:
+                raise AssertionError(f"stats of {volume.volume_id}: {exc!r}") from exc
+            condition = stats.volume_condition
+            assert condition.abnormal == revoked, f"{volume.volume_id}: {condition.message}"
+            if not revoked:
+                assert volume.spiffe_id in condition.message, condition.message
 
     def _check_alive(self) -> None:
         if self.driver_errors:
@@ -929,9 +950,12 @@ class DriverMachine(RuleBasedStateMachine):
             raise Failure(f"something is mounted in the state directory: {point}")
         for path, st_ in _files(state):
             if stat.S_ISREG(st_.st_mode) and st_.st_mode & 0o007:
-                with open(path, "rb") as fh:
-                    if PRIVATE_KEY_MARK in fh.read():
-                        raise Failure(f"a private key is readable by others: {path}")
+                try:
+                    content = path.read_bytes()
+                except FileNotFoundError:  # a generation the writer just replaced
+                    continue
+                if PRIVATE_KEY_MARK in content:
+                    raise Failure(f"a private key is readable by others: {path}")
         for name, before in self.aside.items():
             try:
                 st_ = os.lstat(name)
