@@ -10,14 +10,14 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_spirecsi.errors import InvalidArgument
-from trio_spirecsi.volumes.attributes import (
+from trio_spirecsi.attributes import (
     ATTRIBUTE_NAMES,
     PodInfo,
     VolumeSpec,
     file_name_problem,
     parse_volume_context,
 )
+from trio_spirecsi.errors import InvalidArgument
 
 POD = {
     "csi.storage.k8s.io/pod.name": "web-0",
@@ -377,35 +377,27 @@ def test_long_values_are_cut_short_in_messages() -> None:
     assert len(error.message) < 300
 
 
-# Canonical form -------------------------------------------------------------------
+# Equivalence ----------------------------------------------------------------------
 
 
-def test_equivalent_requests_have_the_same_canonical_form() -> None:
+def test_equivalent_requests_parse_to_equal_specs() -> None:
     a = parse(cert_file_mode="644", key_file_mode="0o600")
     b = parse(cert_file_mode="0644")
     c = parse_volume_context(POD)
     assert a == b == c
-    assert a.to_dict() == b.to_dict() == c.to_dict()
     assert parse(svid_file="other.pem") != c
-    assert parse(svid_file="other.pem").to_dict() != c.to_dict()
 
 
-def test_the_canonical_form_spells_out_every_effective_value() -> None:
+def test_effective_values_fill_every_default() -> None:
     spec = parse_volume_context(
         {**POD, P + "jwt-audiences": "api,db;billing"}, volume_mount_group="2000"
     )
-    canonical = spec.to_dict()
-    assert canonical[P + "fs-group"] == "2000"
-    assert canonical[P + "key-file-mode"] == "0640"
-    assert canonical[P + "cert-file-mode"] == "0644"
-    assert canonical[P + "jwt-audiences"] == "api,db;billing"
-    assert canonical[P + "svid-file"] == "svid.pem"
-    assert P + "jwt-bundle-file" not in canonical
-    assert {k: v for k, v in canonical.items() if not k.startswith(P)} == POD
-    assert VolumeSpec.from_dict(canonical) == spec
-    spiffe_fs = parse(layout="spiffe-fs")
-    assert P + "svid-file" not in spiffe_fs.to_dict()
-    assert VolumeSpec.from_dict(spiffe_fs.to_dict()) == spiffe_fs
+    assert spec.gid == 2000
+    assert spec.key_file_mode == 0o640
+    assert spec.cert_file_mode == 0o644
+    assert spec.jwt_audiences == (("api", "db"), ("billing",))
+    assert spec.svid_file == "svid.pem"
+    assert spec.jwt_bundle_file is None
 
 
 # Properties -----------------------------------------------------------------------
@@ -457,10 +449,7 @@ def test_parsed_specs_are_consistent_and_round_trip(context: dict[str, str], gro
     except InvalidArgument as exc:
         assert exc.field.startswith(("volume_context", "volume_capability"))
         return
-    canonical = spec.to_dict()
-    assert VolumeSpec.from_dict(canonical) == spec
-    assert VolumeSpec.from_dict(canonical).to_dict() == canonical
-    assert all(isinstance(v, str) for v in canonical.values())
+    assert parse_volume_context(context, volume_mount_group=group) == spec
     names = list(spec.jwt_files().values())
     if spec.layout == "default":
         names += [spec.svid_file, spec.svid_key_file, spec.bundle_file]
@@ -507,18 +496,18 @@ def valid_contexts(draw: st.DrawFn) -> dict[str, str]:
 
 @settings(max_examples=300, deadline=None)
 @given(valid_contexts())
-def test_valid_contexts_parse_and_their_canonical_form_is_a_fixed_point(
-    context: dict[str, str],
-) -> None:
+def test_valid_contexts_parse_to_exactly_the_values_given(context: dict[str, str]) -> None:
     spec = parse_volume_context(context)
-    canonical = spec.to_dict()
-    assert parse_volume_context(canonical) == spec
-    assert parse_volume_context(canonical).to_dict() == canonical
-    for key, value in context.items():
-        if key.endswith("-mode"):
-            assert int(canonical[key], 8) == int(value.removeprefix("0o"), 8)
-        else:
-            assert canonical[key] == value
+    given = {k.removeprefix(P): v for k, v in context.items() if k.startswith(P)}
+    for name in ("svid-file", "svid-key-file", "bundle-file", "svid-hint", "jwt-svid-file"):
+        if name in given:
+            assert getattr(spec, name.replace("-", "_")) == given[name]
+    for name in ("cert-file-mode", "key-file-mode"):
+        assert getattr(spec, name.replace("-", "_")) == int(given[name].removeprefix("0o"), 8)
+    assert spec.layout == given["layout"]
+    assert spec.all_svids == (given["all-svids"] == "true")
+    assert ";".join(",".join(a) for a in spec.jwt_audiences) == given["jwt-audiences"]
+    assert spec.gid == (int(given["fs-group"]) if "fs-group" in given else None)
 
 
 def test_every_example_pod_in_the_documentation_is_accepted() -> None:
@@ -537,8 +526,8 @@ def test_every_example_pod_in_the_documentation_is_accepted() -> None:
 
 
 def test_a_workload_api_socket_name_longer_than_a_socket_path_allows_is_refused() -> None:
+    from trio_spirecsi.attributes import parse_volume_context as parse
     from trio_spirecsi.errors import InvalidArgument as Invalid
-    from trio_spirecsi.volumes.attributes import parse_volume_context as parse
 
     base = {
         "csi.storage.k8s.io/pod.name": "p",

@@ -262,8 +262,8 @@ def test_svid_lifetime_never_outlives_the_ca() -> None:
         ("spiffe://partner.example/ns/a/sa/b", "not in trust domain example.org"),
         ("spiffe://example.org", "needs a path"),
         ("https://example.org/x", "must start with"),
-        ("spiffe://example.org/a//b", "path segment"),
-        ("spiffe://Example.org/a", "bad trust domain"),
+        ("spiffe://example.org/a//b", "path segments"),
+        ("spiffe://Example.org/a", "is not a trust domain name"),
     ],
 )
 def test_refuses_ids_it_must_not_sign(

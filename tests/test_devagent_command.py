@@ -214,7 +214,7 @@ async def test_sighup_rereads_the_entries_file(sock_dir: Path, tmp_path: Path) -
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--trust-domain", "Not A Domain"], "invalid trust domain"),
+        (["--trust-domain", "Not A Domain"], "is not a trust domain name"),
         (["--template", "spiffe://{td}/{namespace}"], "unknown placeholder"),
         (["--entries", "/nonexistent/entries.json"], "cannot read entries file"),
     ],

@@ -17,7 +17,7 @@ from tests.harness import Node, eventually, mount_count, open_node, read_identit
 from trio_spirecsi._proto.csi.v1 import csi_pb2 as csi
 from trio_spirecsi.csi.client import publish_request, volume_context
 from trio_spirecsi.grpc import RpcError, StatusCode, methods
-from trio_spirecsi.render import split_der
+from trio_spirecsi.spire.responses import split_der
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from trio_spirecsi.csi.client import Pod
 from trio_spirecsi.devagent.agent import DevAgent
 from trio_spirecsi.devagent.entries import Entry
 from trio_spirecsi.grpc import RpcError, StatusCode
-from trio_spirecsi.render import split_der
+from trio_spirecsi.spire.responses import split_der
 
 GROUP = 1234
 NOBODY = 65534

@@ -29,25 +29,23 @@ from hypothesis import strategies as st
 
 from trio_spirecsi._proto.spire.api.agent.delegatedidentity.v1 import delegatedidentity_pb2 as di
 from trio_spirecsi._proto.spire.api.types import types_pb2
-from trio_spirecsi.errors import InvalidArgument, RenderError
-from trio_spirecsi.render import (
-    X509SVID,
-    FileContent,
-    X509Update,
-    bundles_from_response,
-    jwt_bundles_from_response,
-    normalise_trust_domain,
-    render_files,
-    select_svids,
-    split_der,
-    svid_labels,
-    x509_from_response,
-)
-from trio_spirecsi.volumes.attributes import (
+from trio_spirecsi.attributes import (
     VolumeSpec,
     file_name_problem,
     parse_volume_context,
 )
+from trio_spirecsi.errors import InvalidArgument, RenderError
+from trio_spirecsi.render import render_files, select_svids, svid_labels
+from trio_spirecsi.spiffe import SpiffeIdError, normalise_trust_domain
+from trio_spirecsi.spire.responses import (
+    X509SVID,
+    X509Update,
+    bundles_from_response,
+    jwt_bundles_from_response,
+    split_der,
+    x509_from_response,
+)
+from trio_spirecsi.storage.writer import FileContent
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 DER = serialization.Encoding.DER
@@ -269,7 +267,7 @@ def test_trust_domain_names_are_normalised(given_name: str, expected: str) -> No
     ],
 )
 def test_garbage_trust_domains_are_refused(garbage: str) -> None:
-    with pytest.raises(RenderError):
+    with pytest.raises(SpiffeIdError):
         normalise_trust_domain(garbage)
 
 

@@ -6,8 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_spirecsi._proto.spire.api.types import types_pb2
-from trio_spirecsi.volumes.attributes import PodInfo
-from trio_spirecsi.volumes.selectors import Selector, format_selectors, selectors_for, to_proto
+from trio_spirecsi.attributes import PodInfo
+from trio_spirecsi.spire.selectors import Selector, format_selectors, selectors_for, to_proto
 
 POD = PodInfo(
     name="web-0",

@@ -80,7 +80,7 @@ from trio_spirecsi.csi.client import Pod, publish_request, volume_context
 from trio_spirecsi.daemon import Daemon
 from trio_spirecsi.devagent.agent import DevAgent
 from trio_spirecsi.grpc import RpcError, StatusCode
-from trio_spirecsi.render import split_der
+from trio_spirecsi.spire.responses import split_der
 from trio_spirecsi.storage.metadata import MetadataStore, VolumeMetadata, folder_name
 
 T = TypeVar("T")
@@ -1024,7 +1024,7 @@ class DriverMachine(RuleBasedStateMachine):
                 assert not subscriptions, f"streams left open with no driver: {subscriptions}"
                 assert agent.open_bundle_subscriptions == 0, "bundle stream left open"
         if not self.entitled_agent and self.driver is not None and self.driver.handles:
-            assert not self.driver.handles.agent.connected.value, (
+            assert not self.driver.handles.agent.status.value.ready, (
                 "the driver has not noticed that the agent is down or refuses it"
             )
 

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 
 from tests.harness import Node, eventually, open_node, read_identity
 from trio_spirecsi.devagent.agent import DevAgent
-from trio_spirecsi.render import split_der
+from trio_spirecsi.spire.responses import split_der
 
 PARTNER = "partner.example"
 PARTNER_CLIENT = f"spiffe://{PARTNER}/billing"

@@ -36,7 +36,7 @@ from trio_spirecsi.devagent.agent import DevAgent
 from trio_spirecsi.devagent.entries import Entry
 from trio_spirecsi.grpc import Channel, Method, RpcError, StatusCode, methods, open_channel
 from trio_spirecsi.grpc.methods import Req, Resp
-from trio_spirecsi.render import split_der
+from trio_spirecsi.spire.responses import split_der
 
 T = TypeVar("T")
 WORKLOAD_API = {"csi.spire.io/workload-api": "true"}

@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 
 from trio_spirecsi.devagent.ca import CertificateAuthority
-from trio_spirecsi.render import X509SVID, X509Update
+from trio_spirecsi.spire.responses import X509SVID, X509Update
 from trio_spirecsi.storage.writer import FileContent, read_current, write_atomically
 from trio_spirecsi.workloadapi.responses import (
     current_svids,

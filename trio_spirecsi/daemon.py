@@ -13,6 +13,7 @@ the next daemon resumes every volume from its metadata.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from .spire.agent import AgentClient
 from .storage.metadata import MetadataStore
 from .storage.mount import LinuxMounter, Mounter
 from .volumes.registry import Registry
+from .workloadapi import serve_volume_socket
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ async def run(
                 node_id=settings.node_id,
                 publish_timeout=settings.publish_timeout,
                 selinux_context=settings.selinux_context or None,
+                socket_server=functools.partial(serve_volume_socket, agent=agent),
             )
             await nursery.start(registry.run)
             node = NodeService(
@@ -85,9 +88,10 @@ async def run(
                 host, port = parse_addr(settings.metrics_addr)
 
                 def ready() -> tuple[bool, str]:
-                    if agent.connected.value:
+                    status = agent.status.value
+                    if status.ready:
                         return True, "ok"
-                    return False, f"agent unreachable: {agent.last_error}"
+                    return False, f"agent {status.access.value}: {status.message}"
 
                 metrics_port = await nursery.start(serve_http, host, port, metrics, ready)
             log.event(

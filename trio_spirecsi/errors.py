@@ -47,7 +47,7 @@ class NotFound(SpireCSIError):
     """The volume is not published on this node (at that path)."""
 
 
-PublishFailureKind = Literal["timeout", "unavailable", "permission_denied"]
+PublishFailureKind = Literal["timeout", "unavailable", "permission_denied", "internal"]
 
 
 class PublishFailed(SpireCSIError):

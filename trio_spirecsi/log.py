@@ -67,3 +67,9 @@ def event(logger: logging.Logger, level: int, name: str, **fields: Any) -> None:
     """Log one event with fields, e.g. ``event(log, INFO, "publish", volume_id=v)``."""
     if logger.isEnabledFor(level):
         logger.log(level, name, extra={"fields": fields})
+
+
+def bug(logger: logging.Logger, name: str, exc: BaseException, **fields: Any) -> None:
+    """Log an unexpected exception (a bug) as an error event with its traceback; expected
+    failures use :func:`event` and stay one line."""
+    logger.error(name, exc_info=(type(exc), exc, exc.__traceback__), extra={"fields": fields})

@@ -1,252 +1,40 @@
-"""From what the SPIRE agent sends to the files a volume holds: pure functions.
+"""The files a volume holds, from the agent's validated data: pure functions.
 
-Everything that comes from the agent is validated here before it can reach a pod: a
-chain that does not parse, a leaf whose SPIFFE ID differs from the one the agent named,
-or a key that does not belong to the leaf is a :class:`RenderError`, never a file. No
-message built here contains key material or tokens.
+Input comes from :mod:`trio_spirecsi.spire.responses` (already validated); this module
+decides the layout: which SVIDs, which bundles, which names and modes. A layout that cannot
+be built (no SVID matching the volume's choice, a bundle not yet sent, two files with one
+name) is a :class:`RenderError`, never a file. No message built here contains key material
+or tokens.
 """
 
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from ._proto.spire.api.agent.delegatedidentity.v1 import delegatedidentity_pb2 as di
-from .errors import RenderError
-from .storage.writer import FileContent
-from .volumes.attributes import (
+from .attributes import (
     CREDENTIAL_BUNDLE_FILE,
     FEDERATED_BUNDLE_SUFFIX,
     LABEL_MAX,
     TRUST_BUNDLE_SUFFIX,
     VolumeSpec,
     file_name_problem,
-    spiffe_id_problem,
-    trust_domain_problem,
     with_label,
 )
+from .errors import RenderError
+from .spire.responses import CRYPTO_ERRORS, X509SVID, X509Update, parse_jwks
+from .storage.writer import FileContent
 
-_CRYPTO_ERRORS = (
-    ValueError,
-    TypeError,
-    UnsupportedAlgorithm,
-    x509.DuplicateExtension,
-    x509.UnsupportedGeneralNameType,
-    x509.InvalidVersion,  # an Exception, not a ValueError: a certificate claiming v2
-)
 _LABEL = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9._-]{{0,{LABEL_MAX - 1}}}")
 _JWT = re.compile(r"[A-Za-z0-9_=-]+(\.[A-Za-z0-9_=-]*)+")
 _EMPTY_TOKENS: Mapping[tuple[str, ...], str] = MappingProxyType({})
 _EMPTY_BUNDLES: Mapping[str, bytes] = MappingProxyType({})
-
-
-@dataclass(frozen=True)
-class X509SVID:
-    """One X.509-SVID, validated: the chain parses, the leaf's only URI SAN is
-    ``spiffe_id`` and the key belongs to the leaf."""
-
-    spiffe_id: str
-    cert_chain: tuple[bytes, ...]
-    """DER certificates, leaf first."""
-    key_pkcs8_der: bytes = field(repr=False)
-    expires_at: int
-    """The leaf's notAfter, unix seconds."""
-    hint: str = ""
-
-    @property
-    def trust_domain(self) -> str:
-        return self.spiffe_id[len("spiffe://") :].partition("/")[0]
-
-
-@dataclass(frozen=True)
-class X509Update:
-    """One SubscribeToX509SVIDs response: the pod's SVIDs (possibly none) and the trust
-    domains they federate with (normalised names, sorted, no duplicates)."""
-
-    svids: tuple[X509SVID, ...]
-    federates_with: tuple[str, ...] = ()
-
-
-# Agent responses -----------------------------------------------------------------
-
-
-def normalise_trust_domain(name: str) -> str:
-    """``spiffe://example.org`` and ``example.org`` -> ``example.org``; the agent uses
-    the first form although its proto says "trust domain name"."""
-    bare = name[len("spiffe://") :] if name.startswith("spiffe://") else name
-    problem = trust_domain_problem(bare)
-    if problem is not None:
-        raise RenderError(problem)
-    return bare
-
-
-def split_der(data: bytes) -> tuple[bytes, ...]:
-    """Split concatenated DER structures (how the agent sends a bundle) into each one."""
-    parts: list[bytes] = []
-    at = 0
-    while at < len(data):
-        if data[at] != 0x30 or at + 1 >= len(data):
-            raise RenderError("not a sequence of DER certificates")
-        first = data[at + 1]
-        if first < 0x80:
-            header, length = 2, first
-        else:
-            size = first & 0x7F
-            if size == 0 or size > 4 or at + 2 + size > len(data):
-                raise RenderError("not a sequence of DER certificates (bad length)")
-            header, length = 2 + size, int.from_bytes(data[at + 2 : at + 2 + size], "big")
-        end = at + header + length
-        if end > len(data):
-            raise RenderError("not a sequence of DER certificates (truncated)")
-        parts.append(data[at:end])
-        at = end
-    return tuple(parts)
-
-
-def x509_from_response(resp: di.SubscribeToX509SVIDsResponse) -> X509Update:
-    """Validate every SVID of a response; zero SVIDs is a valid (empty) update."""
-    svids = tuple(_svid_of(index, item) for index, item in enumerate(resp.x509_svids))
-    federates_with = tuple(sorted({normalise_trust_domain(td) for td in resp.federates_with}))
-    return X509Update(svids, federates_with)
-
-
-def _svid_of(index: int, item: di.X509SVIDWithKey) -> X509SVID:
-    """Validated SVIDs are cached by their bytes: an agent sends the same SVID to every pod
-    of a registration entry, so a rotation is validated once, not once per volume, and the
-    volumes share one copy in memory."""
-    try:
-        return _validated(item.SerializeToString(deterministic=True))
-    except RenderError:
-        return _svid(index, item)  # the same error, naming this SVID's position
-
-
-@functools.lru_cache(maxsize=1024)
-def _validated(serialized: bytes) -> X509SVID:
-    return _svid(0, di.X509SVIDWithKey.FromString(serialized))
-
-
-def _svid(index: int, item: di.X509SVIDWithKey) -> X509SVID:
-    svid = item.x509_svid
-    where = f"SVID {index + 1}"
-    try:
-        trust_domain = normalise_trust_domain(svid.id.trust_domain)
-    except RenderError as exc:
-        raise RenderError(f"{where} has no valid SPIFFE ID: {exc.message}") from None
-    spiffe_id = f"spiffe://{trust_domain}{svid.id.path}"
-    problem = spiffe_id_problem(spiffe_id)
-    if svid.id.path and not svid.id.path.startswith("/"):
-        problem = f"the path {svid.id.path[:200]!r} of its SPIFFE ID does not start with '/'"
-    if problem is not None:
-        raise RenderError(f"{where}: {problem}")
-    where = f"SVID {index + 1} ({spiffe_id})"
-    if not svid.cert_chain:
-        raise RenderError(f"{where} has no certificates")
-    chain = tuple(bytes(der) for der in svid.cert_chain)
-    certs = [_certificate(der, f"{where}: certificate {n + 1}") for n, der in enumerate(chain)]
-    leaf = certs[0]
-    try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
-    except _CRYPTO_ERRORS:
-        raise RenderError(f"{where}: the leaf certificate's extensions do not parse") from None
-    if len(uris) != 1:
-        raise RenderError(
-            f"{where}: the leaf certificate has {len(uris)} URI SANs; an X.509-SVID has "
-            "exactly one, its SPIFFE ID"
-        )
-    if uris[0] != spiffe_id:
-        raise RenderError(
-            f"{where}: the leaf certificate is for {uris[0][:200]!r}, not for the SPIFFE ID "
-            "the agent named"
-        )
-    try:
-        key = serialization.load_der_private_key(bytes(item.x509_svid_key), password=None)
-        key_pkcs8 = key.private_bytes(
-            serialization.Encoding.DER,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        matches = key.public_key().public_bytes(*spki) == leaf.public_key().public_bytes(*spki)
-    except _CRYPTO_ERRORS:
-        raise RenderError(f"{where}: the private key is not a PKCS#8 DER key") from None
-    if not matches:
-        raise RenderError(f"{where}: the private key does not belong to the leaf certificate")
-    try:
-        expires_at = int(leaf.not_valid_after_utc.timestamp())
-    except _CRYPTO_ERRORS:
-        raise RenderError(f"{where}: the leaf certificate has no valid notAfter") from None
-    return X509SVID(spiffe_id, chain, key_pkcs8, expires_at, svid.hint)
-
-
-def _certificate(der: bytes, what: str) -> x509.Certificate:
-    try:
-        return x509.load_der_x509_certificate(der)
-    except _CRYPTO_ERRORS:
-        raise RenderError(f"{what} is not a DER X.509 certificate") from None
-
-
-def bundles_from_response(
-    resp: di.SubscribeToX509BundlesResponse,
-) -> dict[str, tuple[bytes, ...]]:
-    """Trust domain name -> its CA certificates (DER), each certificate parsed."""
-    bundles: dict[str, tuple[bytes, ...]] = {}
-    for raw in sorted(resp.ca_certificates):
-        trust_domain = _bundle_key(raw, bundles)
-        certs = split_der(bytes(resp.ca_certificates[raw]))
-        if not certs:
-            raise RenderError(f"the X.509 bundle of {trust_domain} has no certificates")
-        for n, der in enumerate(certs):
-            _certificate(der, f"the X.509 bundle of {trust_domain}: certificate {n + 1}")
-        bundles[trust_domain] = certs
-    return bundles
-
-
-def jwt_bundles_from_response(resp: di.SubscribeToJWTBundlesResponse) -> dict[str, bytes]:
-    """Trust domain name -> its JWKS document (JSON with a ``keys`` list), as sent."""
-    bundles: dict[str, bytes] = {}
-    for raw in sorted(resp.bundles):
-        trust_domain = _bundle_key(raw, bundles)
-        data = bytes(resp.bundles[raw])
-        _jwks(data, trust_domain)
-        bundles[trust_domain] = data
-    return bundles
-
-
-def _bundle_key(raw: str, seen: Mapping[str, object]) -> str:
-    trust_domain = normalise_trust_domain(raw)
-    if trust_domain in seen:
-        raise RenderError(f"the agent sent two bundles for trust domain {trust_domain}")
-    return trust_domain
-
-
-def _jwks(data: bytes, trust_domain: str) -> dict[str, object]:
-    try:
-        document = json.loads(data)
-    except (ValueError, RecursionError):
-        raise RenderError(f"the JWT bundle of {trust_domain} is not JSON") from None
-    if (
-        not isinstance(document, dict)
-        or not isinstance(document.get("keys"), list)
-        or not all(isinstance(k, dict) for k in document["keys"])
-    ):
-        raise RenderError(
-            f"the JWT bundle of {trust_domain} is not a JWKS document (an object with a "
-            "'keys' list of objects)"
-        )
-    return document
 
 
 # Files -----------------------------------------------------------------------------
@@ -258,27 +46,19 @@ def select_svids(spec: VolumeSpec, update: X509Update) -> tuple[X509SVID, ...]:
     in the agent's order."""
     if not update.svids:
         raise RenderError("the SPIRE agent sent no SVID for this pod")
-    matching = [
-        s
-        for s in update.svids
-        if (not spec.svid_hint or s.hint == spec.svid_hint)
-        and (not spec.spiffe_id or s.spiffe_id == spec.spiffe_id)
-    ]
-    if not matching:
-        wanted = " and ".join(
-            part
-            for part in (
-                f"hint {spec.svid_hint!r}" if spec.svid_hint else "",
-                f"SPIFFE ID {spec.spiffe_id}" if spec.spiffe_id else "",
-            )
-            if part
-        )
+    primary = spec.preference.first(update.svids, _hint_and_id)
+    if primary is None:
         sent = ", ".join(f"{s.spiffe_id} (hint {s.hint!r})" for s in update.svids)
-        raise RenderError(f"no SVID with {wanted}; the SPIRE agent sent: {sent}")
-    primary = matching[0]
+        raise RenderError(
+            f"no SVID with {spec.preference.describe()}; the SPIRE agent sent: {sent}"
+        )
     if not spec.all_svids:
         return (primary,)
     return (primary, *(s for s in update.svids if s is not primary))
+
+
+def _hint_and_id(svid: X509SVID) -> tuple[str, str]:
+    return svid.hint, svid.spiffe_id
 
 
 def svid_labels(svids: Sequence[X509SVID]) -> tuple[str, ...]:
@@ -440,7 +220,7 @@ def _key_pem(svid: X509SVID, spec: VolumeSpec) -> bytes:
         return _pem("PRIVATE KEY", svid.key_pkcs8_der)
     try:
         key = serialization.load_der_private_key(svid.key_pkcs8_der, password=None)
-    except _CRYPTO_ERRORS:
+    except CRYPTO_ERRORS:
         raise RenderError(f"the private key of {svid.spiffe_id} does not parse") from None
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
         raise RenderError(
@@ -469,20 +249,8 @@ def _jwt_bundle_file(
     domains = [own]
     if spec.federated_bundles != "none":
         domains += [td for td in update.federates_with if td != own and td in jwt_bundles]
-    document = {td: _jwks(jwt_bundles[td], td) for td in domains}
+    document = {td: parse_jwks(jwt_bundles[td], td) for td in domains}
     return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
-__all__ = [
-    "X509SVID",
-    "FileContent",
-    "X509Update",
-    "bundles_from_response",
-    "jwt_bundles_from_response",
-    "normalise_trust_domain",
-    "render_files",
-    "select_svids",
-    "split_der",
-    "svid_labels",
-    "x509_from_response",
-]
+__all__ = ["render_files", "select_svids", "svid_labels"]

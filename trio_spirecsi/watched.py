@@ -1,7 +1,8 @@
 """A value tasks can wait on, costing nothing until someone waits.
 
-Every volume holds two of these (its SVID set, its entitlement); trio_util's AsyncValue costs
-about 1.5 KiB each before anyone waits, which adds up at 10,000 volumes.
+The project's one waitable-value type: every volume holds a few (its state, its SVID set) and
+the agent client holds the shared bundle sets and its own status. A parking lot is created
+only when a task first waits, which keeps an idle volume small at 10,000 volumes.
 """
 
 from __future__ import annotations
@@ -50,3 +51,7 @@ class Watched(Generic[T]):
                 self._lot = trio.lowlevel.ParkingLot()
             await self._lot.park()
         return self._value
+
+    async def wait_change(self, seen: T) -> T:
+        """Return the value once it is no longer (the very object) ``seen``."""
+        return await self.wait_value(lambda value: value is not seen)

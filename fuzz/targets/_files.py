@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from trio_spirecsi.attributes import CREDENTIAL_BUNDLE_FILE, VolumeSpec, file_name_problem
 from trio_spirecsi.storage.writer import FileContent
-from trio_spirecsi.volumes.attributes import CREDENTIAL_BUNDLE_FILE, VolumeSpec, file_name_problem
 
 _PEM = re.compile(rb"-----BEGIN ([A-Z ]+)-----\r?\n.*?-----END \1-----\r?\n", re.DOTALL)
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

@@ -19,11 +19,11 @@ from trio_spirecsi._proto.spire.api.agent.delegatedidentity.v1 import delegatedi
 from trio_spirecsi._proto.spire.api.types import types_pb2
 from trio_spirecsi.devagent.ca import CertificateAuthority
 from trio_spirecsi.errors import RenderError
-from trio_spirecsi.render import (
+from trio_spirecsi.render import render_files
+from trio_spirecsi.spire.responses import (
     X509Update,
     bundles_from_response,
     jwt_bundles_from_response,
-    render_files,
     x509_from_response,
 )
 

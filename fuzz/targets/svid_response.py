@@ -14,9 +14,10 @@ from __future__ import annotations
 from google.protobuf.message import DecodeError
 
 from trio_spirecsi._proto.spire.api.agent.delegatedidentity.v1 import delegatedidentity_pb2 as di
+from trio_spirecsi.attributes import VolumeSpec, parse_volume_context
 from trio_spirecsi.errors import RenderError
-from trio_spirecsi.render import bundles_from_response, render_files, x509_from_response
-from trio_spirecsi.volumes.attributes import VolumeSpec, parse_volume_context
+from trio_spirecsi.render import render_files
+from trio_spirecsi.spire.responses import bundles_from_response, x509_from_response
 
 from ._files import check_files
 

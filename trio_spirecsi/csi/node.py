@@ -9,10 +9,10 @@ from pathlib import Path
 
 from .. import log
 from .._proto.csi.v1 import csi_pb2 as csi
+from ..attributes import parse_volume_context
 from ..errors import InvalidArgument, PublishFailed, SpireCSIError
 from ..grpc import Server, ServerContext, methods
 from ..metrics import Metrics
-from ..volumes.attributes import parse_volume_context
 from ..volumes.registry import PublishRequest, Registry
 from .status import handler
 
@@ -23,6 +23,7 @@ _OUTCOMES = {
     "timeout": "timeout",
     "unavailable": "agent_unavailable",
     "permission_denied": "permission_denied",
+    "internal": "error",
 }
 
 _CAPABILITIES = (
@@ -88,8 +89,9 @@ class NodeService:
             fields["pod"] = f"{req.spec.pod.namespace}/{req.spec.pod.name}"
             await self._registry.publish(req)
             volume = self._registry.get(req.volume_id)
-            if volume is not None:
-                fields["spiffe_id"] = volume.spiffe_id
+            written = volume.state.value.written if volume is not None else None
+            if written is not None:
+                fields["spiffe_id"] = written.spiffe_id
             outcome = "ok"
             return csi.NodePublishVolumeResponse()
         except InvalidArgument as exc:

@@ -15,6 +15,7 @@ _PUBLISH_CODES = {
     "timeout": StatusCode.FAILED_PRECONDITION,
     "unavailable": StatusCode.UNAVAILABLE,
     "permission_denied": StatusCode.PERMISSION_DENIED,
+    "internal": StatusCode.INTERNAL,
 }
 
 

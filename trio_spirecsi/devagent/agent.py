@@ -31,17 +31,20 @@ from .. import log
 from .._proto.spire.api.agent.delegatedidentity.v1 import delegatedidentity_pb2 as di
 from .._proto.spire.api.types import types_pb2
 from ..grpc import RpcError, Server, ServerContext, StatusCode, StreamSender, methods
+from ..spiffe import (
+    normalise_trust_domain,
+    trust_domain_id,
+    workload_id_parts,
+)
 from .ca import KEY_TYPES, CertificateAuthority, X509Svid
 from .entries import (
     DEFAULT_TEMPLATE,
     Entry,
     EntrySource,
-    Selector,
     TemplateEntries,
     as_source,
     format_selector,
 )
-from .ids import normalize_trust_domain, split_spiffe_id, trust_domain_id
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ NO_PID_ATTESTATION = (
     "this agent does not attest processes: send the workload's selectors instead of a pid"
 )
 
-_SvidKey = tuple[str, frozenset[Selector], int | None]
+_SvidKey = tuple[str, frozenset[tuple[str, str]], int | None]
 _BundleGetter = Callable[[], dict[str, bytes]]
 _BundleSender = Callable[[dict[str, bytes]], Awaitable[None]]
 
@@ -104,7 +107,7 @@ class DevAgent:
             raise ValueError("svid_ttl and jwt_ttl must be positive")
         if key_type not in KEY_TYPES:
             raise ValueError(f"unknown key type {key_type!r}: use one of {', '.join(KEY_TYPES)}")
-        self.trust_domain = normalize_trust_domain(trust_domain)
+        self.trust_domain = normalise_trust_domain(trust_domain)
         self.svid_ttl = svid_ttl
         self.jwt_ttl = jwt_ttl
         self.key_type = key_type
@@ -114,7 +117,7 @@ class DevAgent:
         self.ca = self._open_ca(self.trust_domain)
         self._federated: dict[str, CertificateAuthority] = {}
         for name in federated_trust_domains:
-            td = normalize_trust_domain(name)
+            td = normalise_trust_domain(name)
             if td != self.trust_domain:
                 self._federated.setdefault(td, self._open_ca(td))
         self._bundle_extra: tuple[bytes, ...] = ()
@@ -131,7 +134,7 @@ class DevAgent:
         self._due: list[tuple[float, int, _SvidKey]] = []
         self._generation = 0
         self._timer_wake = trio.Event()
-        self._svid_subs: dict[_Watcher, frozenset[Selector]] = {}
+        self._svid_subs: dict[_Watcher, frozenset[tuple[str, str]]] = {}
         self._svid_watchers: dict[_SvidKey, set[_Watcher]] = {}
         self._x509_bundle_subs: set[_Watcher] = set()
         self._jwt_bundle_subs: set[_Watcher] = set()
@@ -142,7 +145,7 @@ class DevAgent:
     # Observability ---------------------------------------------------------
 
     @property
-    def open_svid_subscriptions(self) -> list[frozenset[Selector]]:
+    def open_svid_subscriptions(self) -> list[frozenset[tuple[str, str]]]:
         """The selector sets of the SubscribeToX509SVIDs streams open right now."""
         return list(self._svid_subs.values())
 
@@ -165,14 +168,14 @@ class DevAgent:
         return tuple(self._federated)
 
     def federated_ca(self, trust_domain: str) -> CertificateAuthority:
-        return self._federated[normalize_trust_domain(trust_domain)]
+        return self._federated[normalise_trust_domain(trust_domain)]
 
-    def entries_for(self, selectors: Iterable[Selector]) -> list[Entry]:
+    def entries_for(self, selectors: Iterable[tuple[str, str]]) -> list[Entry]:
         """The entries (not revoked) a subscriber with ``selectors`` gets SVIDs for."""
         found = self._source.entries_for(frozenset(selectors))
         return [e for e in found if e.spiffe_id not in self._revoked]
 
-    def expected_spiffe_id(self, selectors: Iterable[Selector]) -> str | None:
+    def expected_spiffe_id(self, selectors: Iterable[tuple[str, str]]) -> str | None:
         """The SPIFFE ID a subscriber with ``selectors`` gets first, or None if none."""
         entries = self.entries_for(selectors)
         return entries[0].spiffe_id if entries else None
@@ -248,14 +251,14 @@ class DevAgent:
 
     def add_federation(self, trust_domain: str) -> None:
         """Federate with ``trust_domain`` (a new CA for it); bundle streams include it."""
-        td = normalize_trust_domain(trust_domain)
+        td = normalise_trust_domain(trust_domain)
         if td == self.trust_domain or td in self._federated:
             return
         self._federated[td] = self._open_ca(td)
         self._federation_changed(td, "federation_added")
 
     def remove_federation(self, trust_domain: str) -> None:
-        td = normalize_trust_domain(trust_domain)
+        td = normalise_trust_domain(trust_domain)
         if self._federated.pop(td, None) is not None:
             self._federation_changed(td, "federation_removed")
 
@@ -557,7 +560,9 @@ class DevAgent:
 # Wire helpers -----------------------------------------------------------------
 
 
-def _request_selectors(selectors: Iterable[types_pb2.Selector], pid: int) -> frozenset[Selector]:
+def _request_selectors(
+    selectors: Iterable[types_pb2.Selector], pid: int
+) -> frozenset[tuple[str, str]]:
     found = frozenset((s.type, s.value) for s in selectors)
     if bool(found) == bool(pid):
         raise RpcError(StatusCode.INVALID_ARGUMENT, SELECTORS_OR_PID)
@@ -574,7 +579,7 @@ def _request_selectors(selectors: Iterable[types_pb2.Selector], pid: int) -> fro
 
 
 def _spiffe_id_proto(spiffe_id: str) -> types_pb2.SPIFFEID:
-    trust_domain, path = split_spiffe_id(spiffe_id)
+    trust_domain, path = workload_id_parts(spiffe_id)
     return types_pb2.SPIFFEID(trust_domain=trust_domain, path=path)
 
 

@@ -21,7 +21,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .ids import normalize_trust_domain, split_spiffe_id, trust_domain_id
+from ..spiffe import (
+    normalise_trust_domain,
+    trust_domain_id,
+    workload_id_parts,
+)
 from .jwt import JwtSigner, SignedJwt, jwks
 
 KeyType = Literal["ec-p256", "rsa-2048"]
@@ -150,7 +154,7 @@ class CertificateAuthority:
     def __init__(
         self, trust_domain: str, *, intermediate: bool = False, ttl: int = DEFAULT_CA_TTL
     ) -> None:
-        self.trust_domain = normalize_trust_domain(trust_domain)
+        self.trust_domain = normalise_trust_domain(trust_domain)
         not_after = _now() + datetime.timedelta(seconds=ttl)
         root_key = ec.generate_private_key(ec.SECP256R1())
         self._root = _Signer(
@@ -212,7 +216,7 @@ class CertificateAuthority:
 
         The lifetime is cut to the CA's own expiry, as SPIRE does.
         """
-        trust_domain, _ = split_spiffe_id(spiffe_id)
+        trust_domain, _ = workload_id_parts(spiffe_id)
         if trust_domain != self.trust_domain:
             raise ValueError(
                 f"{spiffe_id} is not in trust domain {self.trust_domain}: this CA cannot sign it"
@@ -286,7 +290,7 @@ class CertificateAuthority:
 
     def sign_jwt(self, spiffe_id: str, audiences: Sequence[str], ttl: int) -> SignedJwt:
         """A JWT-SVID ``(token, issued_at, expires_at)`` for ``spiffe_id`` in this trust domain."""
-        trust_domain, _ = split_spiffe_id(spiffe_id)
+        trust_domain, _ = workload_id_parts(spiffe_id)
         if trust_domain != self.trust_domain:
             raise ValueError(f"{spiffe_id} is not in trust domain {self.trust_domain}")
         return self._jwt.sign(spiffe_id, audiences, ttl)
@@ -319,7 +323,7 @@ class CertificateAuthority:
         """The CA saved in ``directory``; CAError says which file is missing or wrong."""
         folder = Path(directory)
         try:
-            trust_domain = normalize_trust_domain(_read(folder / "trust_domain").decode().strip())
+            trust_domain = normalise_trust_domain(_read(folder / "trust_domain").decode().strip())
         except ValueError as exc:
             raise CAError(f"{folder / 'trust_domain'}: {exc}") from None
         ca = cls.__new__(cls)

@@ -12,10 +12,12 @@ from pathlib import Path
 import trio
 
 from .. import log
+from ..spiffe import (
+    normalise_trust_domain,
+)
 from .agent import DevAgent, logger
 from .ca import KEY_TYPES, CAError
 from .entries import DEFAULT_TEMPLATE, EntriesError, load_entries_file
-from .ids import normalize_trust_domain
 
 _STOP = (signal.SIGINT, signal.SIGTERM)
 
@@ -140,7 +142,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_agent(args: argparse.Namespace) -> DevAgent:
     """The agent the flags describe; ValueError (EntriesError too) or CAError if wrong."""
-    trust_domain = normalize_trust_domain(args.trust_domain)
+    trust_domain = normalise_trust_domain(args.trust_domain)
     entries = None
     if args.entries:
         entries = load_entries_file(args.entries, trust_domain=trust_domain)

@@ -16,9 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .ids import is_path_segment, is_valid_spiffe_id, normalize_trust_domain, split_spiffe_id
+from ..spiffe import (
+    SpiffeIdError,
+    is_path_segment,
+    normalise_trust_domain,
+    workload_id_parts,
+)
 
-Selector = tuple[str, str]
 """(type, value), e.g. ``("k8s", "ns:default")``."""
 
 DEFAULT_TEMPLATE = "spiffe://{td}/ns/{ns}/sa/{sa}"
@@ -42,33 +46,33 @@ class Entry:
     """A registration entry: who gets ``spiffe_id``, and how its SVIDs look."""
 
     spiffe_id: str
-    selectors: frozenset[Selector]
+    selectors: frozenset[tuple[str, str]]
     hint: str = ""
     federates_with: tuple[str, ...] = ()
     ttl: int | None = None
 
-    def matches(self, selectors: Collection[Selector]) -> bool:
+    def matches(self, selectors: Collection[tuple[str, str]]) -> bool:
         """True iff every selector of this entry is among ``selectors``."""
         return self.selectors.issubset(selectors)
 
     @property
-    def svid_key(self) -> tuple[str, frozenset[Selector], int | None]:
+    def svid_key(self) -> tuple[str, frozenset[tuple[str, str]], int | None]:
         """What determines this entry's X.509-SVID; entries that differ only in hint or
         federation share cached SVIDs."""
         return (self.spiffe_id, self.selectors, self.ttl)
 
 
 class EntrySource(Protocol):
-    def entries_for(self, selectors: frozenset[Selector]) -> list[Entry]:
+    def entries_for(self, selectors: frozenset[tuple[str, str]]) -> list[Entry]:
         """Every entry that matches ``selectors``, in a stable order."""
         ...
 
 
-def format_selector(selector: Selector) -> str:
+def format_selector(selector: tuple[str, str]) -> str:
     return f"{selector[0]}:{selector[1]}"
 
 
-def parse_selector(text: str) -> Selector:
+def parse_selector(text: str) -> tuple[str, str]:
     """``"k8s:ns:default"`` -> ``("k8s", "ns:default")`` (the type ends at the first colon)."""
     kind, colon, value = text.partition(":")
     if not colon or not kind or not value:
@@ -82,7 +86,7 @@ class StaticEntries:
 
     entries: tuple[Entry, ...]
 
-    def entries_for(self, selectors: frozenset[Selector]) -> list[Entry]:
+    def entries_for(self, selectors: frozenset[tuple[str, str]]) -> list[Entry]:
         return [e for e in self.entries if e.matches(selectors)]
 
 
@@ -124,7 +128,7 @@ class TemplateEntries:
         object.__setattr__(self, "placeholders", tuple(names))
         sample = self.template.format(td=self.trust_domain, **dict.fromkeys(PLACEHOLDERS, "x"))
         try:
-            trust_domain, _ = split_spiffe_id(sample)
+            trust_domain, _ = workload_id_parts(sample)
         except ValueError as exc:
             raise EntriesError(
                 f"template {self.template!r} does not give SPIFFE IDs: {exc}"
@@ -135,7 +139,7 @@ class TemplateEntries:
                 f"not the agent's {self.trust_domain!r}"
             )
 
-    def entries_for(self, selectors: frozenset[Selector]) -> list[Entry]:
+    def entries_for(self, selectors: frozenset[tuple[str, str]]) -> list[Entry]:
         choices: list[list[tuple[str, str]]] = []
         for name in self.placeholders:
             prefix = PLACEHOLDERS[name]
@@ -150,7 +154,9 @@ class TemplateEntries:
         found = []
         for combination in itertools.product(*choices):
             spiffe_id = self.template.format(td=self.trust_domain, **dict(combination))
-            if not is_valid_spiffe_id(spiffe_id):
+            try:
+                workload_id_parts(spiffe_id)
+            except SpiffeIdError:
                 continue
             found.append(
                 Entry(
@@ -196,7 +202,7 @@ def _parse_entry(item: Mapping[str, object], where: str, trust_domain: str) -> E
     if not isinstance(spiffe_id, str):
         raise EntriesError(f"{where}: 'spiffe_id' is required and must be a string")
     try:
-        entry_domain, _ = split_spiffe_id(spiffe_id)
+        entry_domain, _ = workload_id_parts(spiffe_id)
     except ValueError as exc:
         raise EntriesError(f"{where}: {exc}") from None
     if entry_domain != trust_domain:
@@ -224,7 +230,7 @@ def _parse_entry(item: Mapping[str, object], where: str, trust_domain: str) -> E
     if not isinstance(raw_federates, list) or not all(isinstance(t, str) for t in raw_federates):
         raise EntriesError(f"{where}: 'federates_with' must be a list of trust domain names")
     try:
-        federates_with = tuple(dict.fromkeys(normalize_trust_domain(t) for t in raw_federates))
+        federates_with = tuple(dict.fromkeys(normalise_trust_domain(t) for t in raw_federates))
     except ValueError as exc:
         raise EntriesError(f"{where}: federates_with: {exc}") from None
     ttl = item.get("ttl")
@@ -248,7 +254,7 @@ def load_entries_file(path: str | Path, *, trust_domain: str) -> StaticEntries:
     return StaticEntries(parse_entries(document, trust_domain=trust_domain, source=str(path)))
 
 
-def matching(entries: Iterable[Entry], selectors: Collection[Selector]) -> list[Entry]:
+def matching(entries: Iterable[Entry], selectors: Collection[tuple[str, str]]) -> list[Entry]:
     """The entries whose selectors are all in ``selectors``."""
     return [e for e in entries if e.matches(selectors)]
 

@@ -1,18 +1,29 @@
-"""Capped exponential backoff with jitter, so that thousands of streams broken
-at once by an agent restart do not come back at the same instant."""
+"""Capped exponential backoff with jitter, so that thousands of streams broken at once by an
+agent restart do not come back at the same instant.
+
+The schedule is a value (:class:`BackoffPolicy`) handed to whoever retries, so tests can make
+it deterministic (a seeded ``random.Random``) and drive it under ``trio.testing.MockClock``.
+"""
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 _SHARED = random.Random()
 """One generator for every Backoff: a Random's state is 2.5 KiB, too much per volume."""
 
 
 class Backoff:
+    """One retry schedule: ``next()`` grows from ``initial`` to ``maximum``; ``reset()``."""
+
+    __slots__ = ("_attempts", "_rng", "initial", "maximum")
+
     def __init__(
         self, initial: float = 0.5, maximum: float = 30.0, rng: random.Random | None = None
     ) -> None:
+        if not 0 < initial <= maximum:
+            raise ValueError(f"backoff needs 0 < initial <= maximum, not {initial}, {maximum}")
         self.initial = initial
         self.maximum = maximum
         self._rng = rng or _SHARED
@@ -26,3 +37,22 @@ class Backoff:
 
     def reset(self) -> None:
         self._attempts = 0
+
+
+@dataclass(frozen=True)
+class BackoffPolicy:
+    """How a retrying loop waits: the parameters of every :class:`Backoff` it makes."""
+
+    initial: float = 0.5
+    maximum: float = 30.0
+    rng: random.Random | None = None
+
+    def new(self) -> Backoff:
+        return Backoff(self.initial, self.maximum, self.rng)
+
+
+AGENT_RETRY = BackoffPolicy(0.5, 30.0)
+"""Reconnecting to an agent that does not answer: quick at first, at most every 30 s."""
+REFUSED_RETRY = BackoffPolicy(0.2, 1.0)
+"""Asking again after the agent refused the driver: an operator fixing the agent's delegates
+sees the driver ready within a second."""

@@ -1,9 +1,13 @@
 """The volume registry: publish, unpublish and resume, and the volumes' nursery.
 
-Each volume runs in its own cancel scope inside the registry's nursery, so a
-volume outlives the NodePublishVolume call that created it but never the
-registry. Calls for one volume ID are serialised by a per-ID lock; calls for
-different volumes run concurrently.
+Each volume runs in its own cancel scope inside the registry's nursery, so a volume outlives
+the NodePublishVolume call that created it but never the registry. Calls for one volume ID
+are serialised by a per-ID lock; calls for different volumes run concurrently. What the
+kubelet is told is a function of the volume's :class:`~.volume.VolumeState` (see
+:func:`publish_failure`).
+
+Nothing one volume does can stop the registry: a volume's tasks contain their own failures
+(see :mod:`.volume`), and resuming a damaged volume sets it aside instead of failing start-up.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,19 +24,19 @@ from pathlib import Path
 import trio
 
 from .. import log
-from ..errors import AlreadyExists, InvalidArgument, NotFound, PublishFailed, SpireCSIError
+from ..attributes import VolumeSpec, parse_volume_context
+from ..errors import AlreadyExists, NotFound, PublishFailed, SpireCSIError
 from ..metrics import Metrics
-from ..spire.agent import AgentClient
+from ..spire.backoff import AGENT_RETRY, BackoffPolicy
+from ..spire.selectors import selectors_for
 from ..storage.metadata import MetadataError, MetadataStore, VolumeMetadata
-from ..storage.mount import Mounter, MountError
+from ..storage.mount import Mounter
 from ..storage.writer import DATA_LINK
-from .attributes import VolumeSpec, parse_volume_context
-from .selectors import selectors_for
-from .volume import Volume, VolumePlan
+from ..watched import Observable
+from .plan import VolumePlan
+from .volume import Agent, ProblemKind, SocketServer, Volume, VolumeState
 
 logger = logging.getLogger(__name__)
-
-CLEANUP_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -65,17 +69,58 @@ class VolumeStats:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A volume the registry holds: its record on disk and its running tasks."""
+
+    metadata: VolumeMetadata
+    volume: Volume
+
+    @property
+    def target(self) -> Path:
+        return Path(self.metadata.target_path)
+
+
+def publish_failure(state: VolumeState, waited: str, *, agent_ready: bool) -> PublishFailed:
+    """What NodePublishVolume answers for a volume that has no files after the wait.
+
+    ``waited`` says how long (e.g. "within 30s"); ``agent_ready`` whether the agent's
+    bundle stream is open (an agent that answers nothing is "unavailable" even before the
+    volume's own stream has failed).
+    """
+    problem = state.problem
+    kind = problem.kind if problem is not None else None
+    if kind is ProblemKind.DENIED:
+        assert problem is not None
+        return PublishFailed("permission_denied", problem.message)
+    if kind is ProblemKind.UNAVAILABLE or (not agent_ready and kind is not ProblemKind.NO_ENTRY):
+        reason = problem.message if problem is not None else "the SPIRE agent does not answer"
+        return PublishFailed("unavailable", f"no SVID {waited}: {reason}")
+    if kind in (ProblemKind.WRITE, ProblemKind.INTERNAL, ProblemKind.SOCKET):
+        assert problem is not None
+        return PublishFailed(
+            "internal", f"the volume could not be prepared {waited}: {problem.message}"
+        )
+    if problem is not None and kind is not ProblemKind.NO_ENTRY:
+        return PublishFailed("timeout", f"no usable SVID {waited}: {problem.message}")
+    reason = problem.message if problem is not None else "the SPIRE agent sent no SVID"
+    return PublishFailed("timeout", f"no SVID {waited}: {reason}")
+
+
 class Registry:
     def __init__(
         self,
         *,
         store: MetadataStore,
         mounter: Mounter,
-        agent: AgentClient,
+        agent: Agent,
         metrics: Metrics,
         node_id: str,
         publish_timeout: float,
         selinux_context: str | None = None,
+        socket_server: SocketServer | None = None,
+        now: Callable[[], float] = time.time,
+        retry: BackoffPolicy = AGENT_RETRY,
     ) -> None:
         self._store = store
         self._mounter = mounter
@@ -84,7 +129,10 @@ class Registry:
         self._node_id = node_id
         self._publish_timeout = publish_timeout
         self._selinux_context = selinux_context
-        self._volumes: dict[str, tuple[VolumeMetadata, Volume]] = {}
+        self._socket_server = socket_server
+        self._now = now
+        self._retry = retry
+        self._entries: dict[str, Entry] = {}
         self._locks: dict[str, tuple[trio.Lock, int]] = {}
         self._nursery: trio.Nursery | None = None
         metrics.set_expiry_source(self._expiries)
@@ -94,8 +142,8 @@ class Registry:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Resume every volume found on disk, then hold the volumes until cancelled.
 
-        Cancelling leaves mounts and files in place: pods keep their files
-        while the driver restarts.
+        Cancelling leaves mounts and files in place: pods keep their files while the driver
+        restarts.
         """
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -104,56 +152,62 @@ class Registry:
             self._resume_all()
             task_status.started()
 
-    async def _fan_out(self, value: object) -> None:
+    async def _fan_out(self, bundles: Observable[object]) -> None:
         """Wake every volume when a shared bundle set changes (one task for all volumes)."""
-        from trio_util import AsyncValue
-
-        assert isinstance(value, AsyncValue)
-        async for _ in value.eventual_values(lambda v: True):
-            for _md, volume in list(self._volumes.values()):
-                volume.wake()
+        seen = bundles.value
+        while True:
+            seen = await _changed(bundles, seen)
+            for entry in list(self._entries.values()):
+                entry.volume.wake()
 
     def _resume_all(self) -> None:
         started = time.perf_counter()
         result = self._store.load_all()
         for path in result.corrupt:
             self._metrics.errors_total.labels(kind="corrupt_metadata").inc()
-            try:
-                aside = self._store.set_aside(path)
-                log.event(
-                    logger, logging.ERROR, "metadata_corrupt", folder=str(path), moved_to=str(aside)
-                )
-            except OSError as exc:
-                log.event(
-                    logger, logging.ERROR, "metadata_corrupt", folder=str(path), error=str(exc)
-                )
+            self._set_aside(path, "metadata_corrupt")
         for path in result.orphans:
             try:
                 self._store.remove_folder(path)
                 log.event(logger, logging.WARNING, "orphan_removed", folder=str(path))
             except OSError as exc:
                 log.event(logger, logging.ERROR, "orphan_kept", folder=str(path), error=str(exc))
-        mounted = self._mounter.mount_points()  # once: one read per volume is quadratic
+        try:
+            mounted = self._mounter.mount_points()  # once: one read per volume is quadratic
+        except OSError as exc:
+            log.event(logger, logging.ERROR, "mount_table_unreadable", error=str(exc))
+            mounted = frozenset()
         for md in result.valid:
             try:
                 self._resume(md, mounted)
-            except (SpireCSIError, MetadataError, MountError) as exc:
-                aside = self._store.set_aside(self._store.volume_dir(md.volume_id))
-                log.event(
-                    logger,
-                    logging.ERROR,
+            except Exception as exc:  # one damaged volume never stops the others
+                self._metrics.errors_total.labels(kind="resume_failed").inc()
+                self._set_aside(
+                    self._store.volume_dir(md.volume_id),
                     "resume_failed",
                     volume_id=md.volume_id,
-                    error=str(exc),
-                    moved_to=str(aside),
+                    error=_describe(exc),
+                    bug=None if isinstance(exc, SpireCSIError | OSError | MetadataError) else exc,
                 )
         log.event(
             logger,
             logging.INFO,
             "resumed",
-            volumes=len(self._volumes),
+            volumes=len(self._entries),
             duration_ms=round((time.perf_counter() - started) * 1000, 1),
         )
+
+    def _set_aside(
+        self, folder: Path, event: str, bug: BaseException | None = None, **fields: str
+    ) -> None:
+        try:
+            fields["moved_to"] = str(self._store.set_aside(folder))
+        except OSError as exc:
+            fields["set_aside_error"] = _describe(exc)
+        if bug is not None:
+            log.bug(logger, event, bug, folder=str(folder), **fields)
+        else:
+            log.event(logger, logging.ERROR, event, folder=str(folder), **fields)
 
     def _resume(self, md: VolumeMetadata, mounted: frozenset[Path]) -> None:
         target = Path(md.target_path)
@@ -172,26 +226,37 @@ class Registry:
         if Path(os.path.realpath(target)) not in mounted:
             target.mkdir(exist_ok=True)
             self._mounter.bind_readonly(self._store.data_dir(md.volume_id), target)
-        volume = self._start(md, spec)
+        entry = self._start(md, spec)
         log.event(
-            logger, logging.INFO, "resumed_volume", volume_id=md.volume_id, pod=volume.plan.pod
+            logger,
+            logging.INFO,
+            "resumed_volume",
+            volume_id=md.volume_id,
+            pod=entry.volume.plan.pod,
         )
 
-    def _start(self, md: VolumeMetadata, spec: VolumeSpec) -> Volume:
+    def _start(self, md: VolumeMetadata, spec: VolumeSpec) -> Entry:
         assert self._nursery is not None, "Registry.run() is not running"
         plan = VolumePlan(
             volume_id=md.volume_id,
             target_path=Path(md.target_path),
-            data_dir=self._store.volume_dir(md.volume_id) / "data",
+            data_dir=self._store.data_dir(md.volume_id),
             spec=spec,
-            selectors=tuple((s.type, s.value) for s in selectors_for(spec.pod, self._node_id)),
+            selectors=selectors_for(spec.pod, self._node_id),
             selinux_context=self._selinux_context,
         )
-        volume = Volume(plan, self._agent, self._metrics)
-        self._volumes[md.volume_id] = (md, volume)
-        self._metrics.volumes_published.set(len(self._volumes))
+        volume = Volume(
+            plan,
+            self._agent,
+            self._metrics,
+            now=self._now,
+            retry=self._retry,
+            socket_server=self._socket_server,
+        )
+        entry = self._entries[md.volume_id] = Entry(md, volume)
+        self._metrics.volumes_published.set(len(self._entries))
         self._nursery.start_soon(volume.run)
-        return volume
+        return entry
 
     # Publish / unpublish --------------------------------------------------
 
@@ -212,13 +277,13 @@ class Registry:
     async def publish(self, req: PublishRequest) -> None:
         """Return once the volume's files are complete and mounted at the target.
 
-        On any failure (including cancellation of the call) everything this
-        call created is removed again: the agent stream, the files, the mount.
+        On any failure (including cancellation of the call) everything this call created is
+        removed again: the agent stream, the files, the mount.
         """
         async with self._locked(req.volume_id):
-            known = self._volumes.get(req.volume_id)
+            known = self._entries.get(req.volume_id)
             if known is not None:
-                self._republish(req, known[0], known[1])
+                self._republish(req, known)
                 return
             md = VolumeMetadata(
                 volume_id=req.volume_id,
@@ -226,76 +291,78 @@ class Registry:
                 spec={"volume_context": dict(req.volume_context)},
                 volume_mount_group=req.volume_mount_group,
                 node_id=self._node_id,
-                created_at=time.time(),
+                created_at=self._now(),
             )
-            self._store.remove(req.volume_id)
-            self._store.write(md)
-            volume = self._start(md, req.spec)
             mounted = False
+            entry: Entry | None = None
             try:
+                self._store.remove(req.volume_id)
+                self._store.write(md)
+                entry = self._start(md, req.spec)
                 with trio.move_on_after(self._publish_timeout):
-                    await volume.settled.wait()
-                if not volume.written.is_set():
-                    raise self._publish_failure(volume)
+                    await entry.volume.state.wait_value(_settled)
+                state = entry.volume.state.value
+                if state.written is None:
+                    raise publish_failure(
+                        state,
+                        f"within {self._publish_timeout:g}s",
+                        agent_ready=self._agent.status.value.ready,
+                    )
                 req.target_path.mkdir(exist_ok=True)
-                self._mounter.bind_readonly(volume.plan.data_dir, req.target_path)
+                self._mounter.bind_readonly(entry.volume.plan.data_dir, req.target_path)
                 mounted = True
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await self._teardown(req.volume_id, req.target_path if mounted else None)
                 raise
 
-    def _republish(self, req: PublishRequest, md: VolumeMetadata, volume: Volume) -> None:
-        if not req.same_as(md):
+    def _republish(self, req: PublishRequest, entry: Entry) -> None:
+        if not req.same_as(entry.metadata):
             raise AlreadyExists(
-                f"volume {req.volume_id} is already published at {md.target_path} with other "
+                f"volume {req.volume_id} is already published at {entry.target} with other "
                 "parameters; unpublish it first"
             )
         # Resumed files from a previous driver are complete (the writer only ever points
         # ..data at a whole generation): the volume is published, whatever the agent does now.
+        volume = entry.volume
         resumed = (volume.plan.data_dir / DATA_LINK).is_dir()
-        if not volume.written.is_set() and not resumed:
-            raise PublishFailed("unavailable", volume.problem or "waiting for the first SVID")
+        state = volume.state.value
+        if state.written is None and not resumed:
+            raise publish_failure(state, "yet", agent_ready=self._agent.status.value.ready)
         if not self._mounter.is_mounted(req.target_path):
             req.target_path.mkdir(exist_ok=True)
             self._mounter.bind_readonly(volume.plan.data_dir, req.target_path)
 
-    def _publish_failure(self, volume: Volume) -> PublishFailed:
-        waited = f"within {self._publish_timeout:g}s"
-        if volume.denied:
-            return PublishFailed("permission_denied", volume.problem)
-        if not self._agent.connected.value and not volume.unmatched:
-            return PublishFailed(
-                "unavailable", f"no SVID {waited}: {volume.problem or self._agent.last_error}"
-            )
-        if volume.problem and not volume.unmatched:
-            return PublishFailed("timeout", f"no usable SVID {waited}: {volume.problem}")
-        return PublishFailed("timeout", f"no SVID {waited}: {volume.no_entry_message()}")
-
     async def unpublish(self, volume_id: str, target_path: Path) -> None:
         """Idempotent: succeeds for unknown volumes, unmounted targets and missing metadata."""
         async with self._locked(volume_id):
-            known = self._volumes.get(volume_id)
-            if known is not None and Path(known[0].target_path) != target_path:
+            known = self._entries.get(volume_id)
+            if known is not None and known.target != target_path:
                 log.event(
                     logger,
                     logging.WARNING,
                     "unpublish_other_target",
                     volume_id=volume_id,
-                    published_at=known[0].target_path,
+                    published_at=str(known.target),
                     requested=str(target_path),
                 )
-                await self._teardown(volume_id, Path(known[0].target_path))
+                await self._teardown(volume_id, known.target)
             await self._teardown(volume_id, target_path)
             self._metrics.unpublish_total.inc()
 
     async def _teardown(self, volume_id: str, target: Path | None) -> None:
-        """Stop the volume's tasks, then unmount, then delete its folder (in that order)."""
-        known = self._volumes.pop(volume_id, None)
-        self._metrics.volumes_published.set(len(self._volumes))
-        if known is not None:
-            with trio.move_on_after(CLEANUP_TIMEOUT):
-                await known[1].stop()
+        """Stop the volume's tasks, then unmount, then delete its folder (in that order).
+
+        The folder is deleted only once every task of the volume has exited; if this call
+        is cancelled while they stop, the volume stays registered and the next call for the
+        same ID waits for them again.
+        """
+        entry = self._entries.get(volume_id)
+        if entry is not None:
+            await entry.volume.stop()
+            if self._entries.get(volume_id) is entry:
+                del self._entries[volume_id]
+            self._metrics.volumes_published.set(len(self._entries))
         if target is not None:
             self._mounter.unmount(target)
             try:
@@ -308,28 +375,26 @@ class Registry:
     # Queries -------------------------------------------------------------
 
     def get(self, volume_id: str) -> Volume | None:
-        known = self._volumes.get(volume_id)
-        return known[1] if known else None
+        entry = self._entries.get(volume_id)
+        return entry.volume if entry is not None else None
 
     def stats(self, volume_id: str, volume_path: Path) -> VolumeStats:
-        known = self._volumes.get(volume_id)
-        if known is None:
+        entry = self._entries.get(volume_id)
+        if entry is None:
             raise NotFound(f"volume {volume_id} is not published on this node")
-        md, volume = known
-        if Path(md.target_path) != volume_path:
-            raise NotFound(
-                f"volume {volume_id} is published at {md.target_path}, not {volume_path}"
-            )
+        if entry.target != volume_path:
+            raise NotFound(f"volume {volume_id} is published at {entry.target}, not {volume_path}")
+        data_dir = entry.volume.plan.data_dir
         used = 0
         inodes = 0
-        for entry in os.scandir(volume.plan.data_dir):
+        for item in os.scandir(data_dir):
             inodes += 1
-            if entry.is_dir(follow_symlinks=False):
-                for inner in os.scandir(entry.path):
+            if item.is_dir(follow_symlinks=False):
+                for inner in os.scandir(item.path):
                     inodes += 1
                     used += inner.stat(follow_symlinks=False).st_size
-        fs = os.statvfs(volume.plan.data_dir)
-        abnormal, message = volume.condition(time.time())
+        fs = os.statvfs(data_dir)
+        abnormal, message = entry.volume.condition()
         return VolumeStats(
             used_bytes=used,
             total_bytes=fs.f_blocks * fs.f_frsize,
@@ -342,10 +407,26 @@ class Registry:
         )
 
     def __len__(self) -> int:
-        return len(self._volumes)
+        return len(self._entries)
 
     def _expiries(self) -> list[float]:
-        return [v.expires_at for _md, v in self._volumes.values() if v.expires_at]
+        return [e.volume.expires_at for e in self._entries.values() if e.volume.expires_at]
 
 
-__all__ = ["InvalidArgument", "PublishRequest", "Registry", "VolumeStats"]
+async def _changed(value: Observable[object], seen: object) -> object:
+    return await value.wait_value(lambda current: current is not seen)
+
+
+def _settled(state: VolumeState) -> bool:
+    return state.settled
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SpireCSIError):
+        return exc.message
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+__all__ = ["Agent", "Entry", "PublishRequest", "Registry", "VolumeStats", "publish_failure"]

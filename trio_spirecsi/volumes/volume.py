@@ -1,86 +1,267 @@
-"""One published volume: its agent subscription, JWT refreshers and file writer.
+"""One published volume: its agent subscription, JWT refreshers, file writer and socket.
 
-Everything a volume does runs inside :attr:`Volume.cancel_scope`. After
-:meth:`Volume.stop` returns, no task of this volume is running and nothing will
-write into its data folder again.
+A volume's lifecycle is one explicit value, :class:`VolumeState`, held in
+:attr:`Volume.state` (a :class:`~trio_spirecsi.watched.Watched`, so publish and the per-pod
+socket wait on it):
+
+============  =================================================================
+phase         meaning
+============  =================================================================
+STARTING      no complete set of files yet; ``problem`` says why, when known
+CURRENT       the files hold what the agent last sent (``written`` describes them)
+DEGRADED      the files hold an earlier, complete set; ``problem`` says why they are
+              not current (agent unreachable, entry removed, write failed, ...)
+STOPPED       :meth:`Volume.stop` has returned: no task runs, nothing writes again
+============  =================================================================
+
+``problem`` is the most important of the problems the volume's tasks report (each task
+clears its own once it succeeds again); ``written`` is set by the first complete write and
+never cleared. What the kubelet hears follows from the state alone: NodePublishVolume
+succeeds once ``written`` is set (see ``Registry``) and VOLUME_CONDITION is
+:meth:`VolumeState.condition`.
+
+Containment: every task of the volume (SVID subscription, JWT refreshers, writer, per-pod
+socket) runs under :meth:`Volume._supervise`. An exception other than cancellation is logged
+with the volume and pod, counted in ``errors_total``, shown as the volume's problem and the
+task restarted with backoff; the last complete files stay. Nothing a volume does can end
+another volume or the process.
+
+Everything runs inside :attr:`Volume.cancel_scope`. After :meth:`Volume.stop` returns, no
+task of this volume is running and nothing will write into its data folder again.
 """
 
 from __future__ import annotations
 
+import enum
+import errno
+import functools
 import hashlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol
 
 import trio
 from cryptography import x509
 
 from .. import log
-from .._proto.spire.api.agent.delegatedidentity.v1 import delegatedidentity_pb2 as di
-from .._proto.spire.api.types import types_pb2
 from ..errors import RenderError
-from ..grpc import RpcError, StatusCode
 from ..metrics import Metrics
-from ..render import X509Update, render_files, select_svids, x509_from_response
-from ..spire.agent import AgentClient, Selector
-from ..spire.backoff import Backoff
+from ..render import render_files, select_svids
+from ..spire.agent import AgentError, AgentProblem, AgentStatus, Outcome, SvidUpdates
+from ..spire.backoff import AGENT_RETRY, BackoffPolicy
+from ..spire.responses import JwtBundles, JwtSvid, X509Bundles, X509Update
+from ..spire.selectors import Selector
 from ..storage.writer import FileContent, write_atomically
-from ..watched import Watched
-from .attributes import VolumeSpec
-from .selectors import format_selectors
+from ..watched import Observable, Watched
+from .plan import VolumePlan
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class VolumePlan:
-    """What a volume needs to run, all derived from its metadata."""
-
-    volume_id: str
-    target_path: Path
-    data_dir: Path
-    spec: VolumeSpec
-    selectors: tuple[Selector, ...]
-    selinux_context: str | None = None
+class Agent(Protocol):
+    """What volumes and the registry use of the agent client (a fake one in fast tests)."""
 
     @property
-    def pod(self) -> str:
-        return f"{self.spec.pod.namespace}/{self.spec.pod.name}"
+    def x509_bundles(self) -> Watched[X509Bundles]: ...
+
+    @property
+    def jwt_bundles(self) -> Watched[JwtBundles]: ...
+
+    @property
+    def status(self) -> Observable[AgentStatus]: ...
+
+    def x509_svids(
+        self, selectors: Sequence[Selector]
+    ) -> AbstractAsyncContextManager[SvidUpdates]: ...
+
+    async def jwt_svids(
+        self, selectors: Sequence[Selector], audiences: Sequence[str], *, timeout: float = ...
+    ) -> tuple[JwtSvid, ...]: ...
+
+    def want_jwt_bundles(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class Jwt:
-    token: str
-    issued_at: float
+SocketServer = Callable[["Volume", Callable[[], None]], Awaitable[None]]
+"""Serves the volume's per-pod socket until cancelled; calls its second argument each time
+the socket accepts connections (again). Injected by the daemon, so volumes do not depend on
+the servers that read them."""
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"
+    CURRENT = "current"
+    DEGRADED = "degraded"
+    STOPPED = "stopped"
+
+
+class ProblemKind(enum.Enum):
+    """Why a volume's files are not (or no longer) current. The first five come from the
+    agent (:class:`~trio_spirecsi.spire.agent.Outcome`); the rest are the volume's own."""
+
+    NO_ENTRY = "no_entry"
+    DENIED = "denied"
+    UNAVAILABLE = "unavailable"
+    BAD_DATA = "bad_data"
+    AGENT_FAILED = "agent_failed"
+    ENTITLEMENT_LOST = "entitlement_lost"
+    """The agent stopped issuing an SVID for the pod after it had one."""
+    LAYOUT = "layout"
+    """The agent's data cannot be laid out as the volume asks (no SVID matching its choice,
+    a bundle not yet sent, two files with one name)."""
+    WRITE = "write"
+    """The files could not be written (read-only folder, full disk, no descriptors)."""
+    SOCKET = "socket"
+    """The per-pod socket could not be served."""
+    INTERNAL = "internal"
+    """An unexpected error in one of the volume's tasks (a bug); the task restarts."""
+
+    @property
+    def local(self) -> bool:
+        """A failure on this node, shown as abnormal at once (agent trouble is shown only
+        once the SVID is close to expiry: the files are still valid meanwhile)."""
+        return self in _LOCAL
+
+
+_LOCAL = frozenset(
+    {
+        ProblemKind.ENTITLEMENT_LOST,
+        ProblemKind.LAYOUT,
+        ProblemKind.WRITE,
+        ProblemKind.SOCKET,
+        ProblemKind.INTERNAL,
+    }
+)
+_PRIORITY = (
+    ProblemKind.ENTITLEMENT_LOST,
+    ProblemKind.DENIED,
+    ProblemKind.INTERNAL,
+    ProblemKind.WRITE,
+    ProblemKind.BAD_DATA,
+    ProblemKind.LAYOUT,
+    ProblemKind.AGENT_FAILED,
+    ProblemKind.UNAVAILABLE,
+    ProblemKind.NO_ENTRY,
+    ProblemKind.SOCKET,
+)
+_FROM_OUTCOME = {
+    Outcome.NO_ENTRY: ProblemKind.NO_ENTRY,
+    Outcome.DENIED: ProblemKind.DENIED,
+    Outcome.UNAVAILABLE: ProblemKind.UNAVAILABLE,
+    Outcome.BAD_DATA: ProblemKind.BAD_DATA,
+    Outcome.FAILED: ProblemKind.AGENT_FAILED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    kind: ProblemKind
+    message: str
+    """For the operator: what happened and what to fix; never key material or tokens."""
+
+    @classmethod
+    def of(cls, agent_problem: AgentProblem) -> Problem:
+        return cls(_FROM_OUTCOME[agent_problem.outcome], agent_problem.message)
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """The identity the volume's files hold."""
+
+    spiffe_id: str
+    not_before: float
     expires_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class VolumeState:
+    phase: Phase
+    problem: Problem | None = None
+    written: Written | None = None
+
+    @property
+    def entitled(self) -> bool:
+        """False once the agent stopped issuing an SVID for the pod (after it had one)."""
+        return self.problem is None or self.problem.kind is not ProblemKind.ENTITLEMENT_LOST
+
+    @property
+    def settled(self) -> bool:
+        """Publish can stop waiting: the files are written, or the agent refuses the driver."""
+        return self.written is not None or (
+            self.problem is not None and self.problem.kind is ProblemKind.DENIED
+        )
+
+    def condition(self, now: float) -> tuple[bool, str]:
+        """(abnormal, message) for NodeGetVolumeStats' VOLUME_CONDITION at ``now``."""
+        problem, written = self.problem, self.written
+        if written is None:
+            return True, problem.message if problem else "waiting for the first SVID"
+        if now >= written.expires_at:
+            return True, f"the SVID for {written.spiffe_id} expired at {_utc(written.expires_at)}"
+        if problem is not None and problem.kind.local:
+            return True, problem.message
+        # Agents renew at about half-life: past 75% with a failing agent, or past 90% at
+        # all, the SVID is no longer being renewed.
+        lifetime = written.expires_at - written.not_before
+        elapsed = (now - written.not_before) / lifetime if lifetime > 0 else 0.0
+        if (problem is not None and elapsed > 0.75) or elapsed > 0.9:
+            reason = problem.message if problem else "the agent has not sent a new one"
+            return True, (
+                f"the SVID for {written.spiffe_id} expires at {_utc(written.expires_at)} and "
+                f"has not been renewed: {reason}"
+            )
+        return False, f"SVID {written.spiffe_id} valid until {_utc(written.expires_at)}"
+
+
+_STARTING = VolumeState(Phase.STARTING)
+
+
 class Volume:
-    def __init__(self, plan: VolumePlan, agent: AgentClient, metrics: Metrics) -> None:
+    """One published volume's tasks and state; see the module docstring."""
+
+    __slots__ = (
+        "_agent",
+        "_dirty",
+        "_jwt",
+        "_metrics",
+        "_now",
+        "_problems",
+        "_retry",
+        "_socket_server",
+        "_written_digest",
+        "cancel_scope",
+        "finished",
+        "plan",
+        "state",
+        "x509",
+    )
+
+    def __init__(
+        self,
+        plan: VolumePlan,
+        agent: Agent,
+        metrics: Metrics,
+        *,
+        now: Callable[[], float] = time.time,
+        retry: BackoffPolicy = AGENT_RETRY,
+        socket_server: SocketServer | None = None,
+    ) -> None:
         self.plan = plan
         self._agent = agent
         self._metrics = metrics
+        self._now = now
+        self._retry = retry
+        self._socket_server = socket_server
         self.cancel_scope = trio.CancelScope()
-        self.written = trio.Event()
-        """Set once the first complete set of files is on disk."""
-        self.settled = trio.Event()
-        """Set when publish can stop waiting: files written, or the agent refused us."""
         self.finished = trio.Event()
-        self.denied = False
-        self.unmatched = False
-        """The agent answered, with no SVID: no registration entry matches (yet)."""
-        self.problem = ""
-        """Why the files are not (or no longer) current, in operator terms; empty when fine."""
-        self.entitled: Watched[bool] = Watched(True)
-        """False once the agent stopped issuing an SVID for the pod (after it had one)."""
-        self.spiffe_id = ""
-        self.not_before = 0.0
-        self.expires_at = 0.0
+        self.state: Watched[VolumeState] = Watched(_STARTING)
         self.x509: Watched[X509Update | None] = Watched(None)
-        """The agent's latest non-empty SVID set for this pod (all SVIDs, before selection)."""
-        self._jwt: dict[tuple[str, ...], Jwt] = {}
+        """The agent's latest SVID set for this pod (all SVIDs, before selection)."""
+        self._jwt: dict[tuple[str, ...], JwtSvid] = {}
+        self._problems: dict[str, Problem] = {}
+        """Each task's current problem, by task name: the state shows the worst."""
         self._written_digest: bytes | None = None
         """Digest of the files last written: a bundle update that changes nothing for this
         volume writes nothing (and holds no copy of the files in memory)."""
@@ -89,25 +270,31 @@ class Volume:
     # Lifecycle -----------------------------------------------------------
 
     async def run(self) -> None:
-        """Run until :meth:`stop` (or an enclosing cancellation)."""
+        """Run until :meth:`stop` (or an enclosing cancellation); never raises otherwise."""
+        spec = self.plan.spec
         try:
             with self.cancel_scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._svid_loop)
-                    for audiences in self.plan.spec.jwt_audiences:
-                        nursery.start_soon(self._jwt_loop, audiences)
-                    if self.plan.spec.jwt_bundle_file:
+                    nursery.start_soon(self._supervise, "svid", self._svid_loop)
+                    for audiences in spec.jwt_audiences:
+                        loop = functools.partial(self._jwt_loop, audiences)
+                        nursery.start_soon(self._supervise, _jwt_task(audiences), loop)
+                    if spec.jwt_bundle_file:
                         self._agent.want_jwt_bundles()
-                    if self.plan.spec.workload_api:
-                        from ..workloadapi import serve_volume_socket
-
-                        nursery.start_soon(serve_volume_socket, self, self._agent)
-                    await self._write_loop()
+                    if spec.workload_api and self._socket_server is not None:
+                        server = functools.partial(self._socket_server, self, self._served)
+                        nursery.start_soon(self._supervise, "socket", server)
+                    await self._supervise("writer", self._write_loop)
         finally:
+            self.state.value = VolumeState(Phase.STOPPED, None, self.state.value.written)
             self.finished.set()
 
     async def stop(self) -> None:
-        """Cancel every task of the volume and wait until they have all exited."""
+        """Cancel every task of the volume and wait until they have all exited.
+
+        Idempotent; if the caller is cancelled while waiting, the volume still stops (a
+        second call waits for it again).
+        """
         self.cancel_scope.cancel()
         await self.finished.wait()
 
@@ -115,95 +302,132 @@ class Volume:
         """Something the files depend on changed (bundles): re-render."""
         self._dirty.set()
 
+    async def _supervise(self, task: str, run: Callable[[], Awaitable[None]]) -> None:
+        """Run one of the volume's tasks for ever: an exception other than cancellation is
+        logged, counted and shown, and the task starts again after a backoff."""
+        backoff = self._retry.new()
+        while True:
+            try:
+                await run()
+                return
+            except* Exception as group:
+                self._task_failed(task, group)
+            await trio.sleep(backoff.next())
+
+    def _task_failed(self, task: str, group: BaseExceptionGroup[Exception]) -> None:
+        leaves = list(_leaves(group))
+        first = leaves[0]
+        expected = all(isinstance(e, OSError) for e in leaves)
+        kind = ProblemKind.SOCKET if task == "socket" and expected else ProblemKind.INTERNAL
+        detail = _os_error(first) if isinstance(first, OSError) else type(first).__name__
+        self._metrics.errors_total.labels(
+            kind="socket_failed" if kind is ProblemKind.SOCKET else "volume_task_failed"
+        ).inc()
+        fields = {"volume_id": self.plan.volume_id, "pod": self.plan.pod, "task": task}
+        if expected:
+            log.event(logger, logging.ERROR, "volume_task_failed", error=detail, **fields)
+        else:
+            log.bug(logger, "volume_task_failed", first, error=detail, **fields)
+        what = "serve the per-pod socket" if kind is ProblemKind.SOCKET else f"run its {task} task"
+        self._report(task, Problem(kind, f"the driver could not {what}: {detail}; retrying"))
+
+    def _served(self) -> None:
+        self._report("socket", None)
+        log.event(
+            logger,
+            logging.INFO,
+            "workload_api_serving",
+            volume_id=self.plan.volume_id,
+            pod=self.plan.pod,
+            socket=str(self.plan.data_dir / self.plan.spec.workload_api_socket),
+        )
+
     # Agent inputs --------------------------------------------------------
 
     async def _svid_loop(self) -> None:
-        backoff = Backoff()
+        backoff = self._retry.new()
         while True:
             try:
-                async with self._agent.subscribe_x509_svids(self.plan.selectors) as stream:
-                    async for response in stream:
+                async with self._agent.x509_svids(self.plan.selectors) as updates:
+                    async for update in updates:
                         backoff.reset()
-                        self._on_svids(response)
-                self._set_problem("the SPIRE agent ended the SVID stream")
-            except RpcError as exc:
-                self._set_problem(self._agent.explain(exc))
-                self._metrics.errors_total.labels(kind=f"agent_{exc.code.name.lower()}").inc()
-                if exc.code == StatusCode.PERMISSION_DENIED:
-                    self.denied = True
-                    self.settled.set()
+                        self._on_svids(update)
+            except AgentError as exc:
+                self._report("svid", Problem.of(exc.problem))
             await trio.sleep(backoff.next())
 
-    def _on_svids(self, response: di.SubscribeToX509SVIDsResponse) -> None:
-        self.denied = False
-        self.unmatched = False
-        try:
-            update = x509_from_response(response)
-        except RenderError as exc:
-            self._metrics.errors_total.labels(kind="bad_svid").inc()
-            self._set_problem(f"the SPIRE agent sent an SVID the driver cannot use: {exc.message}")
-            return
-        if not update.svids:
-            if self.x509.value is None:
-                self.unmatched = True
-                self._set_problem(self.no_entry_message())
-            else:
-                self.entitled.value = False
-                self._set_problem(
-                    "the SPIRE agent no longer issues an SVID for this pod (its registration "
-                    "entry was removed or no longer matches); the files keep the last SVID "
-                    "until it expires"
+    def _on_svids(self, update: X509Update | AgentProblem) -> None:
+        if isinstance(update, AgentProblem):
+            if update.outcome is Outcome.NO_ENTRY and self.x509.value is not None:
+                self._report(
+                    "entitlement",
+                    Problem(
+                        ProblemKind.ENTITLEMENT_LOST,
+                        "the SPIRE agent no longer issues an SVID for this pod (its "
+                        "registration entry was removed or no longer matches); the files keep "
+                        "the last SVID until it expires",
+                    ),
                 )
+            else:
+                self._report("svid", Problem.of(update))
             return
-        self.entitled.value = True
+        self._problems.pop("entitlement", None)
+        self._report("svid", None)
         self.x509.value = update
         self._dirty.set()
 
     async def _jwt_loop(self, audiences: tuple[str, ...]) -> None:
-        backoff = Backoff()
+        task = _jwt_task(audiences)
+        backoff = self._retry.new()
+        spec = self.plan.spec
         while True:
             try:
-                response = await self._agent.fetch_jwt_svid(self.plan.selectors, audiences)
-                if not response.svids:
-                    raise RpcError(StatusCode.PERMISSION_DENIED, "no identity issued")
-                svid = select_jwt_svid(self.plan.spec, response.svids)
-                if svid is None:
-                    self._set_problem(
-                        "no JWT-SVID matches the volume's svid-hint / spiffe-id; the SPIRE "
-                        "agent issued: "
-                        + ", ".join(f"{_jwt_id(s)} (hint {s.hint!r})" for s in response.svids)
-                    )
-                    await trio.sleep(backoff.next())
-                    continue
-                jwt = Jwt(svid.token, float(svid.issued_at), float(svid.expires_at))
-                self._jwt[audiences] = jwt
-                self._dirty.set()
-                backoff.reset()
-                lifetime = max(jwt.expires_at - jwt.issued_at, 2.0)
-                await trio.sleep(max(jwt.issued_at + lifetime / 2 - time.time(), 1.0))
-            except RpcError as exc:
-                if exc.code == StatusCode.PERMISSION_DENIED and "no identity" in exc.message:
-                    self._set_problem(
-                        "no registration entry gives a JWT-SVID to the selectors "
-                        f"{format_selectors(self.plan.selectors)}"
-                    )
-                else:
-                    self._set_problem(self._agent.explain(exc))
+                svids = await self._agent.jwt_svids(self.plan.selectors, audiences)
+            except AgentError as exc:
+                self._report(task, Problem.of(exc.problem))
                 await trio.sleep(backoff.next())
+                continue
+            svid = spec.preference.first(svids, _hint_and_id)
+            if svid is None:
+                issued = ", ".join(f"{s.spiffe_id} (hint {s.hint!r})" for s in svids)
+                self._report(
+                    task,
+                    Problem(
+                        ProblemKind.LAYOUT,
+                        f"no JWT-SVID with {spec.preference.describe()}; the SPIRE agent "
+                        f"issued: {issued}",
+                    ),
+                )
+                await trio.sleep(backoff.next())
+                continue
+            self._jwt[audiences] = svid
+            self._report(task, None)
+            self._dirty.set()
+            backoff.reset()
+            # Refresh at half-life: an agent returns its cached token until then.
+            lifetime = max(svid.expires_at - svid.issued_at, 2.0)
+            await trio.sleep(max(svid.issued_at + lifetime / 2 - self._now(), 1.0))
 
     # Files ---------------------------------------------------------------
 
     async def _write_loop(self) -> None:
+        backoff = self._retry.new()
         while True:
             await self._dirty.wait()
             self._dirty = trio.Event()
-            self._write_if_complete()
+            if self._write_if_complete():
+                backoff.reset()
+            else:
+                await trio.sleep(backoff.next())
+                self._dirty.set()
 
-    def _write_if_complete(self) -> None:
+    def _write_if_complete(self) -> bool:
+        """Write the files if everything they need has arrived. False when writing failed
+        (the caller retries); the previous files stay complete either way."""
         spec = self.plan.spec
         update = self.x509.value
         if update is None or any(a not in self._jwt for a in spec.jwt_audiences):
-            return
+            return True
         try:
             leaf = select_svids(spec, update)[0]
             files = render_files(
@@ -214,100 +438,116 @@ class Volume:
                 jwt_bundles=self._agent.jwt_bundles.value.bundles,
             )
         except RenderError as exc:
-            self._set_problem(exc.message)
-            return
+            self._report("files", Problem(ProblemKind.LAYOUT, exc.message))
+            return True
         digest = _digest(files)
         if digest == self._written_digest:
-            return
+            self._report("files", None)
+            return True
         started = time.perf_counter()
-        write_atomically(
-            self.plan.data_dir, files, gid=spec.gid, selinux_context=self.plan.selinux_context
-        )
-        if self._written_digest is not None and leaf.expires_at != self.expires_at:
+        try:
+            write_atomically(
+                self.plan.data_dir, files, gid=spec.gid, selinux_context=self.plan.selinux_context
+            )
+        except OSError as exc:
+            self._metrics.errors_total.labels(kind="write_failed").inc()
+            self._report(
+                "files",
+                Problem(
+                    ProblemKind.WRITE,
+                    f"the driver could not write the volume's files: {_os_error(exc)}; the "
+                    "previous files stay until a retry succeeds",
+                ),
+            )
+            return False
+        previous = self.state.value.written
+        if previous is not None and leaf.expires_at != previous.expires_at:
             self._metrics.svid_rotations_total.inc()
         self._written_digest = digest
-        self.spiffe_id = leaf.spiffe_id
-        self.expires_at = float(leaf.expires_at)
-        self.not_before = x509.load_der_x509_certificate(
-            leaf.cert_chain[0]
-        ).not_valid_before_utc.timestamp()
-        if not self.entitlement_lost:
-            self.problem = ""
+        not_before = x509.load_der_x509_certificate(leaf.cert_chain[0]).not_valid_before_utc
+        written = Written(leaf.spiffe_id, not_before.timestamp(), float(leaf.expires_at))
+        self._report("files", None, written=written)
         log.event(
             logger,
             logging.INFO,
             "files_written",
             volume_id=self.plan.volume_id,
             pod=self.plan.pod,
-            spiffe_id=self.spiffe_id,
-            expires_at=int(self.expires_at),
+            spiffe_id=written.spiffe_id,
+            expires_at=int(written.expires_at),
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
         )
-        self.written.set()
-        self.settled.set()
+        return True
 
-    # Reporting -----------------------------------------------------------
+    # State -----------------------------------------------------------------
 
-    def _set_problem(self, problem: str) -> None:
-        if problem != self.problem:
-            self.problem = problem
+    def _report(
+        self, task: str, problem: Problem | None, *, written: Written | None = None
+    ) -> None:
+        """Record ``task``'s problem (None: it works) and recompute the state."""
+        before = self._problems.get(task)
+        if problem is None:
+            self._problems.pop(task, None)
+        else:
+            self._problems[task] = problem
+        state = self.state.value
+        if state.phase is Phase.STOPPED:
+            return
+        worst = min(self._problems.values(), key=_rank, default=None)
+        written = written or state.written
+        if written is None:
+            phase = Phase.STARTING
+        else:
+            phase = Phase.CURRENT if worst is None else Phase.DEGRADED
+        self.state.value = VolumeState(phase, worst, written)
+        if problem is not None and problem != before:
             log.event(
                 logger,
                 logging.WARNING,
                 "volume_degraded",
                 volume_id=self.plan.volume_id,
                 pod=self.plan.pod,
-                reason=problem,
+                problem=problem.kind.value,
+                reason=problem.message,
             )
+
+    def condition(self, now: float | None = None) -> tuple[bool, str]:
+        """(abnormal, message) for VOLUME_CONDITION, now."""
+        return self.state.value.condition(self._now() if now is None else now)
 
     @property
-    def entitlement_lost(self) -> bool:
-        return not self.entitled.value
-
-    def no_entry_message(self) -> str:
-        return (
-            "no registration entry matched the selectors "
-            f"{format_selectors(self.plan.selectors)}: create a SPIRE registration entry (or "
-            "ClusterSPIFFEID) whose selectors are a subset of these, parented to this node's "
-            "agent"
-        )
-
-    def condition(self, now: float) -> tuple[bool, str]:
-        """(abnormal, message) for NodeGetVolumeStats' VOLUME_CONDITION."""
-        if not self.written.is_set():
-            return True, self.problem or "waiting for the first SVID"
-        if now >= self.expires_at:
-            return True, f"the SVID for {self.spiffe_id} expired at {_utc(self.expires_at)}"
-        if self.entitlement_lost:
-            return True, self.problem
-        # Agents renew at about half-life: past 75% with a failing agent, or past 90%
-        # at all, the SVID is no longer being renewed.
-        lifetime = self.expires_at - self.not_before
-        elapsed = (now - self.not_before) / lifetime if lifetime > 0 else 0.0
-        if (self.problem and elapsed > 0.75) or elapsed > 0.9:
-            return True, (
-                f"the SVID for {self.spiffe_id} expires at {_utc(self.expires_at)} and has not "
-                f"been renewed: {self.problem or 'the agent has not sent a new one'}"
-            )
-        return False, f"SVID {self.spiffe_id} valid until {_utc(self.expires_at)}"
+    def expires_at(self) -> float:
+        """When the SVID the files hold expires (0 before the first write)."""
+        written = self.state.value.written
+        return written.expires_at if written is not None else 0.0
 
 
-def select_jwt_svid(
-    spec: VolumeSpec, svids: Sequence[types_pb2.JWTSVID]
-) -> types_pb2.JWTSVID | None:
-    """The JWT-SVID for the identity the volume's X.509 files hold: the first that matches
-    ``svid-hint`` and ``spiffe-id`` (the rule of :func:`select_svids`), or None."""
-    for svid in svids:
-        if (not spec.svid_hint or svid.hint == spec.svid_hint) and (
-            not spec.spiffe_id or _jwt_id(svid) == spec.spiffe_id
-        ):
-            return svid
-    return None
+def _rank(problem: Problem) -> int:
+    return _PRIORITY.index(problem.kind)
 
 
-def _jwt_id(svid: types_pb2.JWTSVID) -> str:
-    trust_domain = svid.id.trust_domain.removeprefix("spiffe://")
-    return f"spiffe://{trust_domain}{svid.id.path}"
+def _jwt_task(audiences: tuple[str, ...]) -> str:
+    return "jwt " + ",".join(audiences)
+
+
+def _hint_and_id(svid: JwtSvid) -> tuple[str, str]:
+    return svid.hint, svid.spiffe_id
+
+
+def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
+    found: list[Exception] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found.extend(_leaves(exc))
+        else:
+            found.append(exc)
+    return found
+
+
+def _os_error(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0, "")
+    text = exc.strerror or str(exc) or type(exc).__name__
+    return f"{text} ({name})" if name else text
 
 
 def _utc(ts: float) -> str:
@@ -321,3 +561,15 @@ def _digest(files: Mapping[str, FileContent]) -> bytes:
         h.update(b"%d:%s:%d:%d:" % (len(name), name.encode(), content.mode, len(content.data)))
         h.update(content.data)
     return h.digest()
+
+
+__all__ = [
+    "Agent",
+    "Phase",
+    "Problem",
+    "ProblemKind",
+    "SocketServer",
+    "Volume",
+    "VolumeState",
+    "Written",
+]

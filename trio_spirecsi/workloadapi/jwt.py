@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from ..volumes.attributes import spiffe_id_problem
+from ..spiffe import spiffe_id_problem
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 _CURVES: Mapping[str, tuple[type[ec.EllipticCurve], int]] = {

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from .._proto.spiffe.workload import workload_pb2 as wl
-from ..render import X509SVID, X509Update
+from ..spire.responses import X509SVID, X509Update
 
 
 def trust_domain_id(trust_domain: str) -> str:

@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar
 
 import trio
 from google.protobuf import struct_pb2
@@ -29,15 +29,14 @@ from trio_util import wait_any
 
 from .. import log
 from .._proto.spiffe.workload import workload_pb2 as wl
-from .._proto.spire.api.agent.delegatedidentity.v1 import delegatedidentity_pb2 as di
-from .._proto.spire.api.types import types_pb2
-from ..errors import RenderError
 from ..grpc import RpcError, Server, ServerContext, StatusCode, StreamSender, methods
-from ..render import X509Update, normalise_trust_domain
-from ..spire.agent import BundleSet, Selector
-from ..spire.backoff import Backoff
+from ..spiffe import spiffe_id_problem
+from ..spire.agent import AgentError, Outcome
+from ..spire.responses import BundleSet, JwtBundles, JwtSvid, X509Bundles, X509Update
+from ..spire.selectors import Selector
 from ..storage.writer import SELINUX_XATTR
-from ..volumes.attributes import spiffe_id_problem
+from ..volumes.plan import VolumePlan
+from ..volumes.volume import VolumeState
 from ..watched import Observable
 from .jwt import JwtSvidError, validate_jwt_svid
 from .responses import (
@@ -47,9 +46,6 @@ from .responses import (
     x509_bundles_response,
     x509_svid_response,
 )
-
-if TYPE_CHECKING:
-    from ..volumes.volume import VolumePlan
 
 logger = logging.getLogger(__name__)
 
@@ -77,25 +73,23 @@ class VolumeView(Protocol):
     def x509(self) -> Observable[X509Update | None]: ...
 
     @property
-    def entitled(self) -> Observable[bool]: ...
+    def state(self) -> Observable[VolumeState]: ...
 
 
 class AgentView(Protocol):
     """What the server uses of the agent client."""
 
     @property
-    def x509_bundles(self) -> Observable[BundleSet]: ...
+    def x509_bundles(self) -> Observable[X509Bundles]: ...
 
     @property
-    def jwt_bundles(self) -> Observable[BundleSet]: ...
+    def jwt_bundles(self) -> Observable[JwtBundles]: ...
 
-    async def fetch_jwt_svid(
-        self, selectors: Sequence[Selector], audiences: Sequence[str], timeout: float = ...
-    ) -> di.FetchJWTSVIDsResponse: ...
+    async def jwt_svids(
+        self, selectors: Sequence[Selector], audiences: Sequence[str], *, timeout: float = ...
+    ) -> tuple[JwtSvid, ...]: ...
 
     def want_jwt_bundles(self) -> None: ...
-
-    def explain(self, error: RpcError) -> str: ...
 
 
 def _check_header(context: ServerContext) -> None:
@@ -172,20 +166,20 @@ class WorkloadApi:
         if context.deadline is not None:
             timeout = max(min(timeout, context.deadline - trio.current_time()), 0.001)
         try:
-            fetched = await self._agent.fetch_jwt_svid(
+            fetched = await self._agent.jwt_svids(
                 self._volume.plan.selectors, list(request.audience), timeout=timeout
             )
-        except RpcError as exc:
+        except AgentError as exc:
             raise self._for_workload(exc) from None
         svids = [
-            wl.JWTSVID(spiffe_id=spiffe_id, svid=svid.token, hint=svid.hint)
-            for svid in fetched.svids
-            if (spiffe_id := _spiffe_id(svid.id))
-            and (not request.spiffe_id or spiffe_id == request.spiffe_id)
+            wl.JWTSVID(spiffe_id=svid.spiffe_id, svid=svid.token, hint=svid.hint)
+            for svid in fetched
+            if not request.spiffe_id or svid.spiffe_id == request.spiffe_id
         ]
         if not svids:
             raise RpcError(StatusCode.PERMISSION_DENIED, NO_IDENTITY)
-        return wl.JWTSVIDResponse(svids=self._prefer(svids, lambda s: (s.spiffe_id, s.hint)))
+        preference = self._volume.plan.spec.preference
+        return wl.JWTSVIDResponse(svids=preference.chosen_first(svids, _hint_and_id))
 
     async def validate_jwt_svid(
         self, request: wl.ValidateJWTSVIDRequest, context: ServerContext
@@ -218,29 +212,17 @@ class WorkloadApi:
     def _identity(self) -> X509Update | None:
         """The pod's SVID set, None while none has arrived; refused once the agent
         stopped issuing one for the pod (as the agent itself refuses such a workload)."""
-        if not self._volume.entitled.value:
+        if not self._volume.state.value.entitled:
             raise RpcError(StatusCode.PERMISSION_DENIED, NO_IDENTITY)
         update: X509Update | None = self._volume.x509.value
         return update
-
-    def _prefer(self, items: Sequence[_T], key: Callable[[_T], tuple[str, str]]) -> list[_T]:
-        """The item the volume's files use (its spiffe-id / svid-hint selection) first."""
-        spec = self._volume.plan.spec
-        if not spec.spiffe_id and not spec.svid_hint:
-            return list(items)
-        for index, item in enumerate(items):
-            spiffe_id, hint = key(item)
-            if (not spec.spiffe_id or spiffe_id == spec.spiffe_id) and (
-                not spec.svid_hint or hint == spec.svid_hint
-            ):
-                return [item, *items[:index], *items[index + 1 :]]
-        return list(items)
 
     def _x509_svid(self, now: float) -> wl.X509SVIDResponse | None:
         update = self._identity()
         if update is None:
             return None
-        svids = self._prefer(current_svids(update, now=now), lambda s: (s.spiffe_id, s.hint))
+        preference = self._volume.plan.spec.preference
+        svids = preference.chosen_first(current_svids(update, now=now), _hint_and_id)
         return x509_svid_response(svids, update.federates_with, self._x509_bundle_map())
 
     def _x509_bundles(self, now: float) -> wl.X509BundlesResponse | None:
@@ -253,22 +235,22 @@ class WorkloadApi:
         update = self._identity()
         if update is None:
             return None
-        bundles = cast(Mapping[str, bytes], self._agent.jwt_bundles.value.bundles)
+        bundles = self._agent.jwt_bundles.value.bundles
         return jwt_bundles_for(update.svids, update.federates_with, bundles)
 
     def _x509_bundle_map(self) -> Mapping[str, Sequence[bytes]]:
-        return cast(Mapping[str, Sequence[bytes]], self._agent.x509_bundles.value.bundles)
+        return self._agent.x509_bundles.value.bundles
 
     # Waiting for changes --------------------------------------------------
 
     async def _stream(
         self,
         build: Callable[[float], _M | None],
-        bundles: Observable[BundleSet],
+        bundles: Observable[BundleSet[Any]],
         send: StreamSender[_M],
     ) -> None:
         """Send a full response now (once there is one) and again on every change."""
-        sources: tuple[Observable[Any], ...] = (self._volume.x509, bundles, self._volume.entitled)
+        sources: tuple[Observable[Any], ...] = (self._volume.x509, bundles, self._volume.state)
         last: _M | None = None
         while True:
             seen = [source.value for source in sources]
@@ -280,10 +262,10 @@ class WorkloadApi:
             await self._changed(sources, seen, now)
 
     async def _wait_for(
-        self, build: Callable[[float], _T | None], bundles: Observable[BundleSet]
+        self, build: Callable[[float], _T | None], bundles: Observable[BundleSet[Any]]
     ) -> _T | None:
         """``build``'s answer once there is one, or None after BUNDLE_WAIT."""
-        sources: tuple[Observable[Any], ...] = (self._volume.x509, bundles, self._volume.entitled)
+        sources: tuple[Observable[Any], ...] = (self._volume.x509, bundles, self._volume.state)
         with trio.move_on_after(BUNDLE_WAIT):
             while True:
                 seen = [source.value for source in sources]
@@ -311,10 +293,10 @@ class WorkloadApi:
                 )
             )
 
-    def _for_workload(self, error: RpcError) -> RpcError:
+    def _for_workload(self, error: AgentError) -> RpcError:
         """An agent failure as the workload should see it (the operator gets the log)."""
         plan = self._volume.plan
-        if error.code == StatusCode.PERMISSION_DENIED and NO_IDENTITY in error.message:
+        if error.problem.outcome is Outcome.NO_ENTRY:
             return RpcError(StatusCode.PERMISSION_DENIED, NO_IDENTITY)
         log.event(
             logger,
@@ -322,21 +304,17 @@ class WorkloadApi:
             "workload_api_jwt_failed",
             volume_id=plan.volume_id,
             pod=plan.pod,
-            reason=self._agent.explain(error),
+            reason=error.problem.message,
         )
-        if error.code in (StatusCode.INVALID_ARGUMENT, StatusCode.DEADLINE_EXCEEDED):
-            return RpcError(error.code, error.message)
         return RpcError(
             StatusCode.UNAVAILABLE,
-            f"the SPIRE agent did not issue a JWT-SVID ({error.code.name}); try again later",
+            f"the SPIRE agent did not issue a JWT-SVID ({error.problem.outcome.value}); "
+            "try again later",
         )
 
 
-def _spiffe_id(spiffe_id: types_pb2.SPIFFEID) -> str:
-    try:
-        return f"spiffe://{normalise_trust_domain(spiffe_id.trust_domain)}{spiffe_id.path}"
-    except RenderError:
-        return ""
+def _hint_and_id(svid: wl.X509SVID | wl.JWTSVID | Any) -> tuple[str, str]:
+    return svid.hint, svid.spiffe_id
 
 
 def socket_mode(gid: int | None) -> int:
@@ -344,59 +322,28 @@ def socket_mode(gid: int | None) -> int:
 
 
 async def serve_volume_socket(
-    volume: VolumeView,
-    agent: AgentView,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    volume: VolumeView, serving: Callable[[], None], *, agent: AgentView
 ) -> None:
     """Serve the Workload API at ``data_dir/<workload-api-socket>`` until cancelled.
 
-    ``task_status.started()`` fires once the socket first accepts connections. A stale
-    socket file (left by a driver that was killed) is replaced. If the socket cannot be
-    created (e.g. another file has its name) the reason is logged and it is tried again
-    with backoff: the volume's files are served regardless. Once this has exited every
-    stream has ended and the socket file is gone.
+    ``serving()`` is called once the socket accepts connections. A stale socket file (left
+    by a driver that was killed) is replaced. A failure to create the socket (e.g. another
+    file has its name) is raised: the volume's supervisor shows it, retries with backoff, and
+    keeps serving the files meanwhile. Once this has exited every stream has ended and the
+    socket file is gone.
     """
     plan = volume.plan
     server = Server()
     WorkloadApi(volume, agent).register(server)
     agent.want_jwt_bundles()
-    backoff = Backoff(maximum=60.0)
-    path = plan.data_dir / plan.spec.workload_api_socket
-    status = task_status
-
-    def listening() -> None:
-        nonlocal status
-        backoff.reset()
-        log.event(
-            logger,
-            logging.INFO,
-            "workload_api_serving",
-            volume_id=plan.volume_id,
-            pod=plan.pod,
-            socket=str(path),
-        )
-        status.started()
-        status = trio.TASK_STATUS_IGNORED
-
-    while True:
-        try:
-            await _serve(
-                server, plan.data_dir, path.name, plan.spec.gid, plan.selinux_context, listening
-            )
-        except OSError as exc:
-            delay = backoff.next()
-            log.event(
-                logger,
-                logging.ERROR,
-                "workload_api_unavailable",
-                volume_id=plan.volume_id,
-                pod=plan.pod,
-                socket=str(path),
-                error=exc.strerror or str(exc),
-                retry_in_s=round(delay, 2),
-            )
-            await trio.sleep(delay)
+    await _serve(
+        server,
+        plan.data_dir,
+        plan.spec.workload_api_socket,
+        plan.spec.gid,
+        plan.selinux_context,
+        serving,
+    )
 
 
 async def _serve(

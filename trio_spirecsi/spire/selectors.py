@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from .._proto.spire.api.types import types_pb2
-from .attributes import PodInfo
+from ..attributes import PodInfo
 
 
 class Selector(NamedTuple):

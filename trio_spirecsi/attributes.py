@@ -9,12 +9,12 @@ later step works on a ``VolumeSpec`` that is known to be consistent. See
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, TypeVar, cast
 
-from ..errors import InvalidArgument
+from .errors import InvalidArgument
+from .spiffe import Preference, spiffe_id_problem
 
 PREFIX = "csi.spire.io/"
 KUBELET_PREFIX = "csi.storage.k8s.io/"
@@ -42,8 +42,6 @@ Layout = Literal["default", "spiffe-fs"]
 KeyFormat = Literal["pkcs8", "traditional"]
 
 _MAX_GID = 2**32 - 2  # 2**32 - 1 is (gid_t)-1, "no group" to chown(2)
-_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]+")
-_PATH_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 _SHOWN = 80
 
 T = TypeVar("T")
@@ -64,8 +62,7 @@ class VolumeSpec:
     """Everything a volume asks for, validated and with every default filled in.
 
     Built by :func:`parse_volume_context` (the fields are consistent only when built
-    that way). Two requests are the same request exactly when their specs are equal,
-    which is also when their :meth:`to_dict` forms are equal.
+    that way). Two requests are the same request exactly when their specs are equal.
     """
 
     pod: PodInfo
@@ -106,51 +103,11 @@ class VolumeSpec:
             for index, audiences in enumerate(self.jwt_audiences)
         }
 
-    def to_dict(self) -> dict[str, str]:
-        """The canonical form: the complete ``volume_context`` of this spec.
-
-        Pod info and every attribute meaningful for the layout, each with its effective
-        value spelled one way (defaults included, modes as four octal digits, the fsGroup
-        as ``fs-group``), so equal specs give equal dicts and
-        ``VolumeSpec.from_dict(spec.to_dict()) == spec``. Plain strings only: it can be
-        stored as JSON as is.
-        """
-        attrs: dict[str, str] = {}
-        if self.layout == "default":
-            attrs["svid-file"] = self.svid_file
-            attrs["svid-key-file"] = self.svid_key_file
-            attrs["bundle-file"] = self.bundle_file
-        attrs["svid-hint"] = self.svid_hint
-        attrs["spiffe-id"] = self.spiffe_id
-        attrs["all-svids"] = _bool_str(self.all_svids)
-        attrs["federated-bundles"] = self.federated_bundles
-        attrs["intermediates-in-bundle"] = _bool_str(self.intermediates_in_bundle)
-        attrs["layout"] = self.layout
-        attrs["key-format"] = self.key_format
-        attrs["jwt-audiences"] = ";".join(",".join(s) for s in self.jwt_audiences)
-        attrs["jwt-svid-file"] = self.jwt_svid_file
-        if self.jwt_bundle_file is not None:
-            attrs["jwt-bundle-file"] = self.jwt_bundle_file
-        if self.gid is not None:
-            attrs["fs-group"] = str(self.gid)
-        attrs["cert-file-mode"] = f"{self.cert_file_mode:04o}"
-        attrs["key-file-mode"] = f"{self.key_file_mode:04o}"
-        attrs["workload-api"] = _bool_str(self.workload_api)
-        attrs["workload-api-socket"] = self.workload_api_socket
-        context = {
-            POD_NAME_KEY: self.pod.name,
-            POD_NAMESPACE_KEY: self.pod.namespace,
-            POD_UID_KEY: self.pod.uid,
-            SERVICE_ACCOUNT_KEY: self.pod.service_account,
-            EPHEMERAL_KEY: "true",
-        }
-        context.update({PREFIX + name: value for name, value in sorted(attrs.items())})
-        return context
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, str]) -> VolumeSpec:
-        """Rebuild (and re-validate) a spec from :meth:`to_dict`'s form."""
-        return parse_volume_context(data)
+    @property
+    def preference(self) -> Preference:
+        """How the volume chooses its identity among the workload's (``svid-hint``,
+        ``spiffe-id``): for the files, the JWT-SVID and the per-pod socket alike."""
+        return Preference(self.svid_hint, self.spiffe_id)
 
 
 def with_label(name: str, label: str) -> str:
@@ -184,41 +141,6 @@ def file_name_problem(name: str) -> str | None:
         return f"{_show(name)} is not valid UTF-8"
     if size > NAME_MAX:
         return f"{_show(name)} is {size} bytes long; at most {NAME_MAX} are allowed"
-    return None
-
-
-def trust_domain_problem(name: str) -> str | None:
-    """Why ``name`` is not a trust domain name (``example.org``), or None."""
-    if not name:
-        return "the trust domain is empty"
-    if len(name) > NAME_MAX or not _TRUST_DOMAIN.fullmatch(name):
-        return (
-            f"{_show(name)} is not a trust domain name: lowercase letters, digits, '.', '-' "
-            "and '_' only, at most 255 characters"
-        )
-    if name.startswith("."):
-        return f"{_show(name)} is not a trust domain name: it starts with '.'"
-    return None
-
-
-def spiffe_id_problem(spiffe_id: str) -> str | None:
-    """Why ``spiffe_id`` is not a SPIFFE ID (``spiffe://example.org/path``), or None."""
-    if not spiffe_id.startswith("spiffe://"):
-        return f"{_show(spiffe_id)} is not a SPIFFE ID: it must start with 'spiffe://'"
-    if len(spiffe_id) > 2048:
-        return "a SPIFFE ID is at most 2048 characters long"
-    rest = spiffe_id[len("spiffe://") :]
-    trust_domain, slash, path = rest.partition("/")
-    problem = trust_domain_problem(trust_domain)
-    if problem is not None:
-        return f"{_show(spiffe_id)} is not a SPIFFE ID: {problem}"
-    if slash:
-        for segment in path.split("/"):
-            if segment in ("", ".", "..") or not _PATH_SEGMENT.fullmatch(segment):
-                return (
-                    f"{_show(spiffe_id)} is not a SPIFFE ID: path segments are non-empty, "
-                    "not '.' or '..', and use letters, digits, '.', '-' and '_' only"
-                )
     return None
 
 
@@ -574,10 +496,6 @@ def _accepted() -> str:
     return ", ".join(PREFIX + name for name in _ATTRIBUTES)
 
 
-def _bool_str(value: bool) -> str:
-    return "true" if value else "false"
-
-
 __all__ = [
     "ATTRIBUTE_NAMES",
     "CREDENTIAL_BUNDLE_FILE",
@@ -591,7 +509,5 @@ __all__ = [
     "VolumeSpec",
     "file_name_problem",
     "parse_volume_context",
-    "spiffe_id_problem",
-    "trust_domain_problem",
     "with_label",
 ]
