@@ -11,6 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trio_spirecsi.attributes import (
+    MAX_AUDIENCE_SETS,
+    MAX_VALUE_BYTES,
+    NAME_MAX,
     ATTRIBUTE_NAMES,
     PodInfo,
     VolumeSpec,
@@ -375,6 +378,46 @@ def test_all_svids_leaves_room_for_the_label() -> None:
 def test_long_values_are_cut_short_in_messages() -> None:
     error = refused_attribute("layout", "x" * 10000)
     assert len(error.message) < 300
+
+
+# Bounds ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(ATTRIBUTE_NAMES))
+def test_every_attribute_has_a_maximum_size_named_in_its_refusal(name: str) -> None:
+    limit = MAX_VALUE_BYTES.get(name, NAME_MAX)
+    error = refused_attribute(name, "a" * (limit + 1))
+    assert f"at most {limit}" in error.message
+
+
+def test_eleven_kilobytes_of_audiences_are_refused_before_anything_starts() -> None:
+    audiences = ";".join(f"aud{n}" for n in range(2000))
+    error = refused_attribute("jwt-audiences", audiences)
+    assert "at most 4096" in error.message
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        (";".join(f"a{n}" for n in range(MAX_AUDIENCE_SETS + 1)), "at most 8 are allowed"),
+        (",".join(f"a{n}" for n in range(17)), "17 audiences; at most 16"),
+        ("x" * 256, "longer than 255 bytes"),
+    ],
+)
+def test_audience_sets_are_bounded(value: str, fragment: str) -> None:
+    assert fragment in refused_attribute("jwt-audiences", value).message
+
+
+def test_the_largest_allowed_audience_attribute_is_accepted() -> None:
+    value = ";".join(",".join(f"s{s}a{a}" for a in range(16)) for s in range(8))
+    spec = parse_volume_context({**POD, P + "jwt-audiences": value})
+    assert len(spec.jwt_audiences) == 8
+    assert all(len(audiences) == 16 for audiences in spec.jwt_audiences)
+
+
+def test_pod_info_longer_than_kubernetes_allows_is_refused() -> None:
+    error = refused({**POD, "csi.storage.k8s.io/pod.name": "p" * 254})
+    assert error.field == "volume_context[csi.storage.k8s.io/pod.name]"
 
 
 # Equivalence ----------------------------------------------------------------------

@@ -148,6 +148,15 @@ def file_name_problem(name: str) -> str | None:
 
 _DEFAULTS = VolumeSpec(PodInfo("", "", "", ""))
 
+MAX_VALUE_BYTES = {"jwt-audiences": 4096, "spiffe-id": 2048, "svid-hint": 128}
+"""Longest value of these attributes in bytes; every other attribute: NAME_MAX (255)."""
+MAX_AUDIENCE_SETS = 8
+"""Most audience sets in ``jwt-audiences``: each costs a refresher, a file and agent calls."""
+MAX_AUDIENCES_PER_SET = 16
+MAX_AUDIENCE_BYTES = 255
+POD_INFO_MAX = 253
+"""Longest pod name, namespace, UID or service account name (Kubernetes allows 253)."""
+
 _ATTRIBUTES = (
     "all-svids",
     "bundle-file",
@@ -217,7 +226,7 @@ def _pod_info(ctx: Mapping[str, str]) -> PodInfo:
                 "is missing: the kubelet sends pod information only when the CSIDriver "
                 "object of this driver has podInfoOnMount: true",
             )
-        if not value or _has_control(value):
+        if not value or _has_control(value) or len(value) > POD_INFO_MAX:
             raise InvalidArgument(_field_of(key), f"{_show(value)} is not a valid value")
         values.append(value)
     ephemeral = ctx.get(EPHEMERAL_KEY)
@@ -242,6 +251,13 @@ class _Parser:
         return default if value is None else parse(name, value)
 
     def spec(self, pod: PodInfo, volume_mount_group: str) -> VolumeSpec:
+        for name, value in sorted(self._attrs.items()):
+            limit = MAX_VALUE_BYTES.get(name, NAME_MAX)
+            size = len(value.encode("utf-8", "surrogatepass"))
+            if size > limit:
+                raise InvalidArgument(
+                    _field(name), f"the value is {size} bytes long; at most {limit} are allowed"
+                )
         d = _DEFAULTS
         layout = cast(Layout, self._get("layout", _choice("default", "spiffe-fs"), "default"))
         key_format = cast(
@@ -413,8 +429,15 @@ def _spiffe_id(name: str, value: str) -> str:
 def _audiences(name: str, value: str) -> tuple[tuple[str, ...], ...]:
     if not value.strip():
         return ()
+    raw_sets = value.split(";")
+    if len(raw_sets) > MAX_AUDIENCE_SETS:
+        raise InvalidArgument(
+            _field(name),
+            f"{len(raw_sets)} audience sets; at most {MAX_AUDIENCE_SETS} are allowed (each "
+            "set is one JWT-SVID kept fresh)",
+        )
     sets: list[tuple[str, ...]] = []
-    for index, raw in enumerate(value.split(";")):
+    for index, raw in enumerate(raw_sets):
         audiences = tuple(a.strip() for a in raw.split(","))
         where = f"audience set {index + 1} ({_show(raw.strip())})"
         if any(not a for a in audiences):
@@ -425,6 +448,16 @@ def _audiences(name: str, value: str) -> tuple[tuple[str, ...], ...]:
             )
         if any(_has_control(a) for a in audiences):
             raise InvalidArgument(_field(name), f"{where} contains a control character")
+        if len(audiences) > MAX_AUDIENCES_PER_SET:
+            raise InvalidArgument(
+                _field(name),
+                f"{where} has {len(audiences)} audiences; at most {MAX_AUDIENCES_PER_SET} "
+                "are allowed",
+            )
+        if any(len(a.encode("utf-8", "surrogatepass")) > MAX_AUDIENCE_BYTES for a in audiences):
+            raise InvalidArgument(
+                _field(name), f"{where} has an audience longer than {MAX_AUDIENCE_BYTES} bytes"
+            )
         if len(set(audiences)) != len(audiences):
             raise InvalidArgument(_field(name), f"{where} names an audience twice")
         if audiences in sets:
