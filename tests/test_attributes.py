@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trio_spirecsi.attributes import (
+    ATTRIBUTE_NAMES,
     MAX_AUDIENCE_SETS,
     MAX_VALUE_BYTES,
     NAME_MAX,
-    ATTRIBUTE_NAMES,
     PodInfo,
     VolumeSpec,
     file_name_problem,

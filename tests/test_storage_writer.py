@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import stat
+import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -16,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trio_spirecsi.storage import FileContent, read_current, write_atomically
+from tests.generations import read_current
+from trio_spirecsi.storage import FileContent, write_atomically
 from trio_spirecsi.storage import writer as writer_module
 
 Files = Mapping[str, FileContent]
@@ -359,3 +363,41 @@ def test_selinux_context_labels_everything_before_it_becomes_visible(tmp_path: P
     generation = data / os.readlink(data / "..data")
     assert os.getxattr(generation / "svid.pem", "security.selinux") == other.encode()
     assert read_current(data) == {n: c.data for n, c in files.items()}
+
+
+@pytest.fixture
+def small_tmpfs(private_mount_ns: None, tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs: a state directory that can fill up."""
+    path = tmp_path / "small"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+def test_a_full_disk_keeps_the_previous_files_and_leaves_no_half_generation(
+    small_tmpfs: Path,
+) -> None:
+    tmpfs = small_tmpfs
+    data = tmpfs / "data"
+    old = {"svid.pem": FileContent(b"old cert", 0o644), "svid_key.pem": FileContent(b"k", 0o600)}
+    write_atomically(data, old, gid=None)
+    generations = {n for n in os.listdir(data) if n.startswith("..") and n != "..data"}
+    filler = tmpfs / "filler"
+    with open(filler, "wb", buffering=0) as fh, contextlib.suppress(OSError):
+        while True:
+            fh.write(b"\0" * 65536)
+    big = {
+        "svid.pem": FileContent(b"n" * 1_000_000, 0o644),
+        "svid_key.pem": FileContent(b"k", 0o600),
+    }
+    with pytest.raises(OSError) as info:
+        write_atomically(data, big, gid=None)
+    assert info.value.errno == errno.ENOSPC
+    assert read_current(data) == {"svid.pem": b"old cert", "svid_key.pem": b"k"}
+    assert {n for n in os.listdir(data) if n.startswith("..") and n != "..data"} == generations
+    filler.unlink()
+    write_atomically(data, big, gid=None)
+    assert read_current(data)["svid.pem"] == b"n" * 1_000_000

@@ -8,9 +8,10 @@ import socket
 import stat
 from pathlib import Path
 
+from tests.generations import read_current
 from trio_spirecsi.devagent.ca import CertificateAuthority
 from trio_spirecsi.spire.responses import X509SVID, X509Update
-from trio_spirecsi.storage.writer import FileContent, read_current, write_atomically
+from trio_spirecsi.storage.writer import FileContent, write_atomically
 from trio_spirecsi.workloadapi.responses import (
     current_svids,
     jwt_bundles_for,

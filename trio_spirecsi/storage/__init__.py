@@ -11,7 +11,7 @@ from trio_spirecsi.storage.metadata import (
     VolumeMetadata,
 )
 from trio_spirecsi.storage.mount import FakeMounter, LinuxMounter, Mounter, MountError
-from trio_spirecsi.storage.writer import FileContent, read_current, write_atomically
+from trio_spirecsi.storage.writer import FileContent, write_atomically
 
 __all__ = [
     "FakeMounter",
@@ -24,6 +24,5 @@ __all__ = [
     "Mounter",
     "StorageError",
     "VolumeMetadata",
-    "read_current",
     "write_atomically",
 ]

@@ -135,8 +135,21 @@ def _get_label(path: Path) -> str | None:
 def _write_generation(
     data_dir: Path, files: Mapping[str, FileContent], gid: int | None, label: str | None
 ) -> str:
+    """A new generation folder holding exactly ``files``; on any failure (a full disk, no
+    descriptors) it is removed again, so a failed write leaves no half-written folder."""
     stamp = time.strftime("%Y_%m_%d_%H_%M_%S", time.gmtime())
     folder = Path(tempfile.mkdtemp(prefix=f"..{stamp}.", dir=data_dir))
+    try:
+        _fill_generation(folder, files, gid, label)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder.name
+
+
+def _fill_generation(
+    folder: Path, files: Mapping[str, FileContent], gid: int | None, label: str | None
+) -> None:
     for name, content in files.items():
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(folder / name, flags, 0o600)
@@ -154,7 +167,6 @@ def _write_generation(
     _set_owner_mode(folder, gid)
     _label(folder, label)
     _fsync_dir(folder)
-    return folder.name
 
 
 def _replace_symlink(data_dir: Path, name: str, target: str, label: str | None) -> None:
@@ -218,34 +230,3 @@ def write_atomically(
             _remove(data_dir / name)
     _remove_stale(data_dir, keep=current)
     _fsync_dir(data_dir)
-
-
-def read_current(data_dir: Path) -> dict[str, bytes]:
-    """The files of the generation ``..data`` points at, all from that one generation.
-
-    Raises FileNotFoundError when nothing was ever written.
-    """
-    for _ in range(1000):
-        try:
-            generation = os.readlink(data_dir / DATA_LINK)
-            fd = os.open(data_dir / generation, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            if os.path.lexists(data_dir / DATA_LINK):
-                continue
-            raise
-        try:
-            result = {}
-            for name in os.listdir(fd):
-                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-                with os.fdopen(os.open(name, flags, dir_fd=fd), "rb") as fh:
-                    result[name] = fh.read()
-        except FileNotFoundError:
-            continue
-        finally:
-            os.close(fd)
-        # A generation is removed only after ..data moved away from it: if ..data still
-        # points at it, nothing was removed while we read.
-        if os.readlink(data_dir / DATA_LINK) == generation:
-            return result
-    raise TimeoutError(f"{data_dir}: the files changed on every one of 1000 reads")
-    raise FileNotFoundError(errno.ENOENT, "..data kept changing while being read", str(data_dir))
