@@ -19,6 +19,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -30,6 +31,7 @@ from trio_util import wait_any
 from .. import log
 from .._proto.spiffe.workload import workload_pb2 as wl
 from ..grpc import RpcError, Server, ServerContext, StatusCode, StreamSender, methods
+from ..ratelimit import TokenBucket
 from ..spiffe import spiffe_id_problem
 from ..spire.agent import AgentError, Outcome
 from ..spire.responses import BundleSet, JwtBundles, JwtSvid, X509Bundles, X509Update
@@ -97,16 +99,35 @@ def _check_header(context: ServerContext) -> None:
         raise RpcError(StatusCode.INVALID_ARGUMENT, "security header missing from request")
 
 
+def _check_rate(bucket: TokenBucket, context: ServerContext) -> None:
+    """Refuse as the SPIRE agent does when a workload calls too often."""
+    if not bucket.take():
+        raise RpcError(StatusCode.UNAVAILABLE, f"rate limit exceeded for {context.method.path}")
+
+
 def _is_not(seen: object, value: object) -> bool:
     return value is not seen
+
+
+@dataclass(frozen=True)
+class JwtRateLimit:
+    """Per pod and per method, how often FetchJWTSVID and ValidateJWTSVID may be called
+    (each FetchJWTSVID is an agent call; each ValidateJWTSVID verifies a signature)."""
+
+    per_second: float = 10.0
+    burst: int = 20
 
 
 class WorkloadApi:
     """The five Workload API handlers for one volume."""
 
-    def __init__(self, volume: VolumeView, agent: AgentView) -> None:
+    def __init__(
+        self, volume: VolumeView, agent: AgentView, jwt_limit: JwtRateLimit = JwtRateLimit()
+    ) -> None:
         self._volume = volume
         self._agent = agent
+        self._fetch_limit = TokenBucket(jwt_limit.per_second, jwt_limit.burst)
+        self._validate_limit = TokenBucket(jwt_limit.per_second, jwt_limit.burst)
 
     def register(self, server: Server) -> None:
         server.add_stream(methods.FETCH_X509_SVID, self.fetch_x509_svid)
@@ -153,6 +174,7 @@ class WorkloadApi:
         self, request: wl.JWTSVIDRequest, context: ServerContext
     ) -> wl.JWTSVIDResponse:
         _check_header(context)
+        _check_rate(self._fetch_limit, context)
         if not request.audience:
             raise RpcError(StatusCode.INVALID_ARGUMENT, "audience must be specified")
         if request.spiffe_id:
@@ -185,6 +207,7 @@ class WorkloadApi:
         self, request: wl.ValidateJWTSVIDRequest, context: ServerContext
     ) -> wl.ValidateJWTSVIDResponse:
         _check_header(context)
+        _check_rate(self._validate_limit, context)
         if not request.audience:
             raise RpcError(StatusCode.INVALID_ARGUMENT, "audience must be specified")
         if not request.svid:
@@ -322,7 +345,11 @@ def socket_mode(gid: int | None) -> int:
 
 
 async def serve_volume_socket(
-    volume: VolumeView, serving: Callable[[], None], *, agent: AgentView
+    volume: VolumeView,
+    serving: Callable[[], None],
+    *,
+    agent: AgentView,
+    jwt_limit: JwtRateLimit = JwtRateLimit(),
 ) -> None:
     """Serve the Workload API at ``data_dir/<workload-api-socket>`` until cancelled.
 
@@ -334,7 +361,7 @@ async def serve_volume_socket(
     """
     plan = volume.plan
     server = Server()
-    WorkloadApi(volume, agent).register(server)
+    WorkloadApi(volume, agent, jwt_limit).register(server)
     agent.want_jwt_bundles()
     await _serve(
         server,
