@@ -2,7 +2,9 @@
 
 protoc writes absolute imports (``from spire.api.types import types_pb2``);
 they are rewritten to package-relative ones so the generated modules live
-inside trio_spirecsi._proto without touching sys.path.
+inside trio_spirecsi._proto without touching sys.path. Imports of the
+protobuf runtime's own well-known types (``google.protobuf``) stay absolute;
+``google.rpc`` is ours (protos/google/rpc), so it is rewritten too.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 OUT = ROOT / "trio_spirecsi" / "_proto"
-_IMPORT = re.compile(r"^from ((?:csi|spire|spiffe)(?:\.\w+)*) import (\w+_pb2)", re.M)
+_IMPORT = re.compile(
+    r"^from ((?:csi|spire|spiffe|envoy|google\.rpc)(?:\.\w+)*) import (\w+_pb2)", re.M
+)
 
 
 def _relative(match: re.Match[str], depth: int) -> str:
