@@ -22,13 +22,13 @@ from trio_spirecsi._proto.envoy.extensions.transport_sockets.tls.v3 import (
 from trio_spirecsi._proto.envoy.service.discovery.v3 import discovery_pb2
 from trio_spirecsi._proto.google.rpc import status_pb2
 from trio_spirecsi.devagent.ca import CertificateAuthority
-from trio_spirecsi.render import X509SVID
 from trio_spirecsi.sds import (
     SECRET_TYPE_URL,
     SPIFFE_VALIDATOR_NAME,
     SPIFFE_VALIDATOR_TYPE_URL,
     SdsSnapshot,
 )
+from trio_spirecsi.spire.responses import X509SVID
 
 OWN = CertificateAuthority("domain.test")
 FED = CertificateAuthority("otherdomain.test")

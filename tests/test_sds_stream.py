@@ -30,8 +30,8 @@ from tests.sds_fixtures import (
 from trio_spirecsi._proto.envoy.service.discovery.v3 import discovery_pb2
 from trio_spirecsi.devagent.ca import CertificateAuthority
 from trio_spirecsi.grpc import StatusCode
-from trio_spirecsi.render import X509SVID
 from trio_spirecsi.sds import RequestKind, SdsError, SdsSnapshot, SdsStream
+from trio_spirecsi.spire.responses import X509SVID
 
 OTHER_FED_ROOT = CertificateAuthority("otherdomain.test").root_der
 """The federated trust domain's bundle after its CA changed."""

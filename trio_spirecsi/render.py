@@ -159,14 +159,14 @@ def _default_layout(
     )
     for svid, label in ((primary, ""), *labeled):
         cert_name, key_name, bundle_name = (with_label(n, label) if label else n for n in names)
-        files.cert(cert_name, _pem_certs(svid.cert_chain))
+        files.cert(cert_name, pem_certificates(svid.cert_chain))
         files.key(key_name, _key_pem(svid, spec))
         own = _own_bundle(svid, x509_bundles, [svid] if spec.intermediates_in_bundle else [])
-        files.cert(bundle_name, _pem_certs(_unique([*own, *merged])))
+        files.cert(bundle_name, pem_certificates(_unique([*own, *merged])))
     if spec.federated_bundles == "files":
         for td in federated:
             if td in x509_bundles:
-                files.cert(td + FEDERATED_BUNDLE_SUFFIX, _pem_certs(x509_bundles[td]))
+                files.cert(td + FEDERATED_BUNDLE_SUFFIX, pem_certificates(x509_bundles[td]))
 
 
 def _spiffe_fs_layout(
@@ -186,10 +186,10 @@ def _spiffe_fs_layout(
     for td in own_domains:
         in_td = [s for s in written if s.trust_domain == td]
         own = _own_bundle(in_td[0], x509_bundles, in_td if spec.intermediates_in_bundle else [])
-        files.cert(td + TRUST_BUNDLE_SUFFIX, _pem_certs(own))
+        files.cert(td + TRUST_BUNDLE_SUFFIX, pem_certificates(own))
     for td in federated:
         if td in x509_bundles and td not in own_domains:
-            files.cert(td + TRUST_BUNDLE_SUFFIX, _pem_certs(x509_bundles[td]))
+            files.cert(td + TRUST_BUNDLE_SUFFIX, pem_certificates(x509_bundles[td]))
 
 
 def _own_bundle(
@@ -205,19 +205,19 @@ def _unique(certs: Iterable[bytes]) -> list[bytes]:
     return list(dict.fromkeys(certs))
 
 
-def _pem(label: str, der: bytes) -> bytes:
+def pem_block(label: str, der: bytes) -> bytes:
     text = base64.b64encode(der).decode("ascii")
     lines = "\n".join(text[i : i + 64] for i in range(0, len(text), 64))
     return f"-----BEGIN {label}-----\n{lines}\n-----END {label}-----\n".encode("ascii")
 
 
-def _pem_certs(certs: Iterable[bytes]) -> bytes:
-    return b"".join(_pem("CERTIFICATE", der) for der in certs)
+def pem_certificates(certs: Iterable[bytes]) -> bytes:
+    return b"".join(pem_block("CERTIFICATE", der) for der in certs)
 
 
 def _key_pem(svid: X509SVID, spec: VolumeSpec) -> bytes:
     if spec.key_format == "pkcs8":
-        return _pem("PRIVATE KEY", svid.key_pkcs8_der)
+        return pem_block("PRIVATE KEY", svid.key_pkcs8_der)
     try:
         key = serialization.load_der_private_key(svid.key_pkcs8_der, password=None)
     except CRYPTO_ERRORS:
@@ -235,7 +235,7 @@ def _key_pem(svid: X509SVID, spec: VolumeSpec) -> bytes:
 
 
 def _credential_bundle(svid: X509SVID) -> bytes:
-    return _pem("PRIVATE KEY", svid.key_pkcs8_der) + _pem_certs(svid.cert_chain)
+    return pem_block("PRIVATE KEY", svid.key_pkcs8_der) + pem_certificates(svid.cert_chain)
 
 
 def _jwt_bundle_file(
@@ -253,4 +253,4 @@ def _jwt_bundle_file(
     return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
-__all__ = ["render_files", "select_svids", "svid_labels"]
+__all__ = ["pem_block", "pem_certificates", "render_files", "select_svids", "svid_labels"]

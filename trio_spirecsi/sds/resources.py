@@ -64,8 +64,8 @@ from .._proto.envoy.service.discovery.v3 import discovery_pb2
 from ..grpc.status import StatusCode
 
 # The one place this package learns what an SVID is and how PEM is written.
-from ..render import X509SVID, _pem_certs
-from ..render import _pem as _pem_block
+from ..render import pem_block, pem_certificates
+from ..spire.responses import X509SVID
 
 SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 """``Any.type_url`` of every resource, and what Envoy sends as ``DiscoveryRequest.type_url``."""
@@ -299,7 +299,7 @@ class _Validation:
         if self._spiffe:
             context.custom_validator_config.CopyFrom(_spiffe_validator([(trust_domain, certs)]))
         else:
-            context.trusted_ca.inline_bytes = _pem_certs(certs)
+            context.trusted_ca.inline_bytes = pem_certificates(certs)
         return _secret(secret_pb2.Secret(name=name, validation_context=context))
 
     def all(self, name: str) -> any_pb2.Any:
@@ -334,7 +334,7 @@ def _spiffe_validator(
     config = tls_spiffe_validator_config_pb2.SPIFFECertValidatorConfig()
     for trust_domain, certs in bundles:
         entry = config.trust_domains.add(name=trust_domain)
-        entry.trust_bundle.inline_bytes = _pem_certs(certs)
+        entry.trust_bundle.inline_bytes = pem_certificates(certs)
     typed = any_pb2.Any()
     typed.Pack(config, deterministic=True)
     return extension_pb2.TypedExtensionConfig(name=SPIFFE_VALIDATOR_NAME, typed_config=typed)
@@ -342,8 +342,8 @@ def _spiffe_validator(
 
 def _tls_certificate(name: str, svid: X509SVID) -> any_pb2.Any:
     certificate = common_pb2.TlsCertificate()
-    certificate.certificate_chain.inline_bytes = _pem_certs(svid.cert_chain)
-    certificate.private_key.inline_bytes = _pem_block("PRIVATE KEY", svid.key_pkcs8_der)
+    certificate.certificate_chain.inline_bytes = pem_certificates(svid.cert_chain)
+    certificate.private_key.inline_bytes = pem_block("PRIVATE KEY", svid.key_pkcs8_der)
     return _secret(secret_pb2.Secret(name=name, tls_certificate=certificate))
 
 
