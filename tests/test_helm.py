@@ -386,3 +386,18 @@ def test_the_driver_identity_as_a_chart_value_reaches_the_controller_manager() -
     default = find(spire, "ClusterSPIFFEID", f"{SPIRE_NAMESPACE}-{SPIRE_RELEASE}-default")
     excluded = default["spec"]["namespaceSelector"]["matchExpressions"][0]
     assert excluded["operator"] == "NotIn" and CHART_NAMESPACE in excluded["values"]
+
+
+def test_only_the_agent_mounts_the_admin_socket_folder(spire: list[Doc]) -> None:
+    """Whoever can reach the admin socket can act as the driver: in SPIRE's release only the
+    agent mounts its folder (and the driver, installed separately)."""
+    admin_dir = PurePosixPath(CHART_ADMIN_SOCKET).parent
+    mounting = set()
+    for doc in spire:
+        template = doc.get("spec", {}).get("template", {}).get("spec")
+        if doc["kind"] in ("DaemonSet", "Deployment", "StatefulSet") and template:
+            for volume in template.get("volumes", []):
+                host = volume.get("hostPath", {}).get("path")
+                if host and (admin_dir == PurePosixPath(host) or admin_dir.is_relative_to(host)):
+                    mounting.add(doc["metadata"]["name"])
+    assert mounting == {"spire-agent"}
