@@ -62,7 +62,7 @@ def test_missing_settings_are_named_with_their_environment_variable() -> None:
     ("flag", "value", "says"),
     [
         ("--publish-timeout", "soon", "give seconds"),
-        ("--publish-timeout", "0", "between 0 and 600"),
+        ("--publish-timeout", "0", "more than 0 and at most 600"),
         ("--state-dir", "relative/dir", "absolute path"),
         ("--node-id", " ", "node name"),
         ("--csi-endpoint", "tcp://127.0.0.1:10000", "only unix sockets"),

@@ -13,7 +13,11 @@ DEFAULT_DRIVER_NAME = "csi.spire.io"
 
 
 class ConfigError(Exception):
-    """A flag or environment variable has a value the driver cannot use."""
+    """A flag or environment variable has a value the driver cannot use.
+
+    The message is one line that names the setting and its value and says what to do; the
+    command line prints it as it is, without a traceback.
+    """
 
 
 @dataclass(frozen=True)
@@ -33,14 +37,23 @@ class Settings:
 
 @dataclass(frozen=True)
 class _Flag:
+    """One ``serve`` setting: ``--name`` on the command line, ``TRIO_SPIRECSI_NAME`` in the
+    environment. ``default`` None means required; ``--help`` shows the default or marks the
+    flag required, so a new flag documents itself by being added to :data:`_FLAGS`."""
+
     name: str
     help: str
     default: str | None = None
     choices: tuple[str, ...] | None = None
+    metavar: str | None = None
 
     @property
     def env(self) -> str:
         return ENV_PREFIX + self.name.upper().replace("-", "_")
+
+    @property
+    def required(self) -> bool:
+        return self.default is None
 
 
 _FLAGS = (
@@ -51,7 +64,8 @@ _FLAGS = (
     _Flag(
         "admin-socket",
         "SPIRE agent admin socket serving the Delegated Identity API "
-        "(the agent's admin_socket_path, e.g. /run/spire/admin/admin.sock)",
+        "(the agent's admin_socket_path; with SPIRE's Helm chart "
+        "/run/spire/agent/sockets/csi.spiffe.io/admin/admin.sock)",
     ),
     _Flag("node-id", "this node's name (NodeGetInfo and the k8s:node-name selector)"),
     _Flag(
@@ -86,69 +100,150 @@ _FLAGS = (
 )
 
 SERVE_FLAGS: frozenset[str] = frozenset("--" + f.name for f in _FLAGS)
+REQUIRED_SERVE_FLAGS: tuple[str, ...] = tuple("--" + f.name for f in _FLAGS if f.required)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every ``serve`` flag; its help ends with ``(required)`` or ``(default: ...)``."""
     for flag in _FLAGS:
-        default = f" (default: {flag.default!r})" if flag.default else ""
+        if flag.required:
+            tail = "(required)"
+        else:
+            tail = f"(default: {flag.default})" if flag.default else "(default: empty)"
         parser.add_argument(
             "--" + flag.name,
             choices=flag.choices,
-            help=f"{flag.help}{default}; env {flag.env}",
+            metavar=flag.metavar or (None if flag.choices else flag.name.upper().replace("-", "_")),
+            help=f"{flag.help}; env {flag.env} {tail}",
         )
+
+
+class _Values:
+    """The chosen value of each setting, and where it came from, for error messages."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+        self.labels: dict[str, str] = {}
+
+    def __getitem__(self, name: str) -> str:
+        return self.values[name]
+
+    def error(self, name: str, problem: str) -> ConfigError:
+        """``--name 'value': problem`` (or ``TRIO_SPIRECSI_NAME='value': ...`` from the env)."""
+        label = self.labels[name]
+        sep = "=" if label.startswith(ENV_PREFIX) else " "
+        return ConfigError(f"{label}{sep}{self.values[name]!r}: {problem}")
 
 
 def settings_from_args(
     args: argparse.Namespace, environ: Mapping[str, str] | None = None
 ) -> Settings:
-    """Flags win over environment variables, which win over defaults."""
+    """Flags win over environment variables, which win over defaults.
+
+    Raises ConfigError (one line naming the setting, its value and the fix) for a missing
+    or unusable value; nothing is touched on disk or on the network before this passes.
+    """
     env = os.environ if environ is None else environ
-    values: dict[str, str] = {}
+    v = _Values()
     missing = []
     for flag in _FLAGS:
         value = getattr(args, flag.name.replace("-", "_"), None)
+        label = "--" + flag.name
+        if value is None and flag.env in env:
+            value, label = env[flag.env], flag.env
         if value is None:
-            value = env.get(flag.env, flag.default)
+            value = flag.default
         if value is None:
             missing.append(f"--{flag.name} (or {flag.env})")
             continue
+        v.values[flag.name], v.labels[flag.name] = value, label
         if flag.choices and value not in flag.choices:
-            raise ConfigError(f"{flag.env}={value!r}: choose one of {', '.join(flag.choices)}")
-        values[flag.name] = value
+            raise v.error(flag.name, f"choose one of {', '.join(flag.choices)}")
     if missing:
-        raise ConfigError("missing required settings: " + ", ".join(missing))
-    return _validate(values)
+        raise ConfigError(
+            "missing required settings: " + ", ".join(missing) + "; see trio-spirecsi serve --help"
+        )
+    return _validate(v)
 
 
-def parse_csi_endpoint(endpoint: str) -> Path:
-    """``unix:///csi/csi.sock``, ``unix:/csi/csi.sock`` or ``/csi/csi.sock`` -> the path."""
+def parse_csi_endpoint(endpoint: str, flag: str = "--csi-endpoint") -> Path:
+    """``unix:///csi/csi.sock``, ``unix:/csi/csi.sock`` or ``/csi/csi.sock`` -> the path.
+
+    ``flag`` names the setting in the ConfigError raised for anything else.
+    """
+    try:
+        return _csi_socket_path(endpoint)
+    except ValueError as exc:
+        raise ConfigError(f"{flag} {endpoint!r}: {exc}") from None
+
+
+def _csi_socket_path(endpoint: str) -> Path:
     if endpoint.startswith("unix://"):
         path = endpoint[len("unix://") :]
     elif endpoint.startswith("unix:"):
         path = endpoint[len("unix:") :]
     elif "://" in endpoint:
-        raise ConfigError(f"--csi-endpoint {endpoint!r}: only unix sockets are supported")
+        raise ValueError("only unix sockets are supported; give unix:///path/to/csi.sock")
     else:
         path = endpoint
     if not path.startswith("/"):
-        raise ConfigError(f"--csi-endpoint {endpoint!r}: give an absolute path (unix:///...)")
+        raise ValueError("give an absolute path (unix:///...)")
     return Path(path)
 
 
-def _validate(v: Mapping[str, str]) -> Settings:
+ADDR_FORMS = "write host:port, :port (every interface) or [ipv6]:port, e.g. 0.0.0.0:9809"
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    """``"host:port"``, ``":port"`` (every interface) or ``"[::1]:port"`` -> (host, port).
+
+    The host of ``":port"`` is ``""`` (every interface). Raises ValueError, saying what is
+    wrong and the accepted forms, for anything else (a port alone included).
+    """
+    host, sep, port_text = addr.rpartition(":")
+    if not sep:
+        if addr.isascii() and addr.isdigit():
+            raise ValueError(f"a port alone; write :{addr} (every interface) or 0.0.0.0:{addr}")
+        raise ValueError(f"no port; {ADDR_FORMS}")
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            raise ValueError(f"unbalanced brackets; {ADDR_FORMS}")
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"put an IPv6 host in brackets; {ADDR_FORMS}")
+    if any(c.isspace() or c in "[]/" for c in host):
+        raise ValueError(f"invalid host {host!r}; {ADDR_FORMS}")
+    if not port_text.isascii() or not port_text.isdigit():
+        raise ValueError(f"port {port_text!r} is not a number; {ADDR_FORMS}")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range 0-65535; {ADDR_FORMS}")
+    return host, port
+
+
+def _validate(v: _Values) -> Settings:
     for name in ("admin-socket", "state-dir", "kubelet-dir"):
         if not v[name].startswith("/"):
-            raise ConfigError(f"--{name} {v[name]!r}: give an absolute path")
+            raise v.error(name, "give an absolute path")
     if not v["node-id"].strip():
-        raise ConfigError("--node-id is empty: pass the node name (spec.nodeName)")
+        raise v.error("node-id", "empty; pass the node name (spec.nodeName)")
     try:
         timeout = float(v["publish-timeout"])
     except ValueError:
-        raise ConfigError(f"--publish-timeout {v['publish-timeout']!r}: give seconds") from None
+        raise v.error("publish-timeout", "give seconds, e.g. 30") from None
     if not 0 < timeout <= 600:
-        raise ConfigError(f"--publish-timeout {timeout}: must be between 0 and 600 seconds")
+        raise v.error("publish-timeout", "must be more than 0 and at most 600 seconds")
+    if v["metrics-addr"]:
+        try:
+            parse_addr(v["metrics-addr"])
+        except ValueError as exc:
+            raise v.error("metrics-addr", str(exc)) from None
+    try:
+        csi_socket = _csi_socket_path(v["csi-endpoint"])
+    except ValueError as exc:
+        raise v.error("csi-endpoint", str(exc)) from None
     return Settings(
-        csi_socket=parse_csi_endpoint(v["csi-endpoint"]),
+        csi_socket=csi_socket,
         admin_socket=Path(v["admin-socket"]),
         node_id=v["node-id"],
         state_dir=Path(v["state-dir"]),
