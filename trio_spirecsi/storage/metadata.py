@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from trio_spirecsi.log import event
+from trio_spirecsi.storage.errors import StorageError
 from trio_spirecsi.storage.mount import mount_table
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,6 @@ _FIELDS = {
 
 class MetadataError(ValueError):
     """A metadata record is malformed; the message says what is wrong."""
-
-
-class StorageError(OSError):
-    """The store refused an operation that would be unsafe (the message says why)."""
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from trio_spirecsi.log import event
+from trio_spirecsi.storage.errors import MountError
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +31,6 @@ MNT_DETACH = 0x2
 _READONLY_REMOUNT = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
 _MAX_LAYERS = 32
 MOUNTINFO = Path("/proc/self/mountinfo")
-
-
-class MountError(OSError):
-    """A mount or unmount failed; ``errno`` is the kernel's, the message names the paths."""
-
-    def __init__(self, err: int, what: str) -> None:
-        super().__init__(err, f"{what}: {os.strerror(err)}")
 
 
 class Mounter(Protocol):

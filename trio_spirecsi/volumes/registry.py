@@ -23,8 +23,9 @@ from .. import log
 from ..errors import AlreadyExists, InvalidArgument, NotFound, PublishFailed, SpireCSIError
 from ..metrics import Metrics
 from ..spire.agent import AgentClient
+from ..storage.errors import MountError
 from ..storage.metadata import MetadataError, MetadataStore, VolumeMetadata
-from ..storage.mount import Mounter, MountError
+from ..storage.mount import Mounter
 from ..storage.writer import DATA_LINK
 from .attributes import VolumeSpec, parse_volume_context
 from .selectors import selectors_for
