@@ -9,7 +9,7 @@ from pathlib import Path
 
 import trio
 
-from tests.harness import eventually, mount_count, open_node, read_identity
+from tests.harness import detach_mounts_under, eventually, mount_count, open_node, read_identity
 
 
 def rotated(target: Path, serial: int) -> Callable[[], bool]:
@@ -93,9 +93,7 @@ async def test_resume_drops_volumes_whose_pod_is_gone(tmp_path: Path) -> None:
         await node.start_driver()
         _volume_id, target = await node.publish(node.pod())
         await node.stop_driver()
-        from trio_spirecsi.storage.mount import LinuxMounter
-
-        LinuxMounter().unmount(target)
+        detach_mounts_under(target)
         pod_dir = target.parents[3]
         for path in sorted(pod_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
             path.rmdir()

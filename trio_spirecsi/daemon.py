@@ -66,6 +66,7 @@ async def run(
                 agent=agent,
                 metrics=metrics,
                 node_id=settings.node_id,
+                kubelet_dir=settings.kubelet_dir,
                 publish_timeout=settings.publish_timeout,
                 selinux_context=settings.selinux_context or None,
             )

@@ -11,12 +11,11 @@ from trio_spirecsi.storage.metadata import (
     MetadataStore,
     VolumeMetadata,
 )
-from trio_spirecsi.storage.mount import FakeMounter, LinuxMounter, Mounter
+from trio_spirecsi.storage.mount import LinuxMounter, Mounter, UnmountResult
 from trio_spirecsi.storage.paths import TargetDir, TargetParentMissing, open_target
 from trio_spirecsi.storage.writer import FileContent, read_current, write_atomically
 
 __all__ = [
-    "FakeMounter",
     "FileContent",
     "LinuxMounter",
     "LoadResult",
@@ -27,6 +26,7 @@ __all__ = [
     "StorageError",
     "TargetDir",
     "TargetParentMissing",
+    "UnmountResult",
     "VolumeMetadata",
     "open_target",
     "read_current",

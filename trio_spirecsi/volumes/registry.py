@@ -8,7 +8,6 @@ different volumes run concurrently.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import time
@@ -23,9 +22,10 @@ from .. import log
 from ..errors import AlreadyExists, InvalidArgument, NotFound, PublishFailed, SpireCSIError
 from ..metrics import Metrics
 from ..spire.agent import AgentClient
-from ..storage.errors import MountError
+from ..storage.errors import MountError, StorageError
 from ..storage.metadata import MetadataError, MetadataStore, VolumeMetadata
 from ..storage.mount import Mounter
+from ..storage.paths import TargetParentMissing, open_target
 from ..storage.writer import DATA_LINK
 from .attributes import VolumeSpec, parse_volume_context
 from .selectors import selectors_for
@@ -75,11 +75,13 @@ class Registry:
         agent: AgentClient,
         metrics: Metrics,
         node_id: str,
+        kubelet_dir: Path,
         publish_timeout: float,
         selinux_context: str | None = None,
     ) -> None:
         self._store = store
         self._mounter = mounter
+        self._kubelet_dir = kubelet_dir
         self._agent = agent
         self._metrics = metrics
         self._node_id = node_id
@@ -120,7 +122,7 @@ class Registry:
         for path in result.corrupt:
             self._metrics.errors_total.labels(kind="corrupt_metadata").inc()
             try:
-                aside = self._store.set_aside(path)
+                aside = self._store.set_aside(path, "metadata.json is corrupt")
                 log.event(
                     logger, logging.ERROR, "metadata_corrupt", folder=str(path), moved_to=str(aside)
                 )
@@ -134,19 +136,23 @@ class Registry:
                 log.event(logger, logging.WARNING, "orphan_removed", folder=str(path))
             except OSError as exc:
                 log.event(logger, logging.ERROR, "orphan_kept", folder=str(path), error=str(exc))
-        mounted = self._mounter.mount_points()  # once: one read per volume is quadratic
         for md in result.valid:
             try:
-                self._resume(md, mounted)
-            except (SpireCSIError, MetadataError, MountError) as exc:
-                aside = self._store.set_aside(self._store.volume_dir(md.volume_id))
+                self._resume(md)
+            except (SpireCSIError, MetadataError, MountError, StorageError) as exc:
+                try:
+                    moved = str(
+                        self._store.set_aside(self._store.volume_dir(md.volume_id), str(exc))
+                    )
+                except OSError as aside_exc:
+                    moved = f"not set aside: {aside_exc}"
                 log.event(
                     logger,
                     logging.ERROR,
                     "resume_failed",
                     volume_id=md.volume_id,
                     error=str(exc),
-                    moved_to=str(aside),
+                    moved_to=moved,
                 )
         log.event(
             logger,
@@ -156,23 +162,24 @@ class Registry:
             duration_ms=round((time.perf_counter() - started) * 1000, 1),
         )
 
-    def _resume(self, md: VolumeMetadata, mounted: frozenset[Path]) -> None:
-        target = Path(md.target_path)
-        if not target.parent.is_dir():
+    def _resume(self, md: VolumeMetadata) -> None:
+        try:
+            target = open_target(self._kubelet_dir, md.target_path, field="metadata target_path")
+        except TargetParentMissing:
             # The pod's folder is gone: the kubelet tore the pod down while we were away.
-            self._mounter.unmount(target)
             self._store.remove(md.volume_id)
             log.event(logger, logging.INFO, "resume_pod_gone", volume_id=md.volume_id)
             return
-        context = md.spec.get("volume_context")
-        if not isinstance(context, dict):
-            raise MetadataError("metadata has no volume_context")
-        spec = parse_volume_context(context, volume_mount_group=md.volume_mount_group)
-        # Mount before starting the volume: if the mount fails, nothing of it runs that
-        # could write into the folder once it is set aside.
-        if Path(os.path.realpath(target)) not in mounted:
-            target.mkdir(exist_ok=True)
-            self._mounter.bind_readonly(self._store.data_dir(md.volume_id), target)
+        with target:
+            context = md.spec.get("volume_context")
+            if not isinstance(context, dict):
+                raise MetadataError("metadata has no volume_context")
+            spec = parse_volume_context(context, volume_mount_group=md.volume_mount_group)
+            # Mount before starting the volume: if the mount fails, nothing of it runs that
+            # could write into the folder once it is set aside.
+            data = self._store.data_dir(md.volume_id)
+            if not self._mounter.is_mounted(target, data):
+                self._mounter.bind_readonly(data, target)
         volume = self._start(md, spec)
         log.event(
             logger, logging.INFO, "resumed_volume", volume_id=md.volume_id, pod=volume.plan.pod
@@ -229,22 +236,23 @@ class Registry:
                 node_id=self._node_id,
                 created_at=time.time(),
             )
-            self._store.remove(req.volume_id)
-            self._store.write(md)
-            volume = self._start(md, req.spec)
-            mounted = False
-            try:
-                with trio.move_on_after(self._publish_timeout):
-                    await volume.settled.wait()
-                if not volume.written.is_set():
-                    raise self._publish_failure(volume)
-                req.target_path.mkdir(exist_ok=True)
-                self._mounter.bind_readonly(volume.plan.data_dir, req.target_path)
-                mounted = True
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await self._teardown(req.volume_id, req.target_path if mounted else None)
-                raise
+            # Checked and held from here on: the wait below cannot redirect the mount.
+            with open_target(self._kubelet_dir, req.target_path) as target:
+                self._store.remove(req.volume_id)
+                self._store.write(md)
+                volume = self._start(md, req.spec)
+                mounted = False
+                try:
+                    with trio.move_on_after(self._publish_timeout):
+                        await volume.settled.wait()
+                    if not volume.written.is_set():
+                        raise self._publish_failure(volume)
+                    self._mounter.bind_readonly(volume.plan.data_dir, target)
+                    mounted = True
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await self._teardown(req.volume_id, req.target_path if mounted else None)
+                    raise
 
     def _republish(self, req: PublishRequest, md: VolumeMetadata, volume: Volume) -> None:
         if not req.same_as(md):
@@ -257,9 +265,9 @@ class Registry:
         resumed = (volume.plan.data_dir / DATA_LINK).is_dir()
         if not volume.written.is_set() and not resumed:
             raise PublishFailed("unavailable", volume.problem or "waiting for the first SVID")
-        if not self._mounter.is_mounted(req.target_path):
-            req.target_path.mkdir(exist_ok=True)
-            self._mounter.bind_readonly(volume.plan.data_dir, req.target_path)
+        with open_target(self._kubelet_dir, req.target_path) as target:
+            if not self._mounter.is_mounted(target, volume.plan.data_dir):
+                self._mounter.bind_readonly(volume.plan.data_dir, target)
 
     def _publish_failure(self, volume: Volume) -> PublishFailed:
         waited = f"within {self._publish_timeout:g}s"
@@ -298,12 +306,14 @@ class Registry:
             with trio.move_on_after(CLEANUP_TIMEOUT):
                 await known[1].stop()
         if target is not None:
-            self._mounter.unmount(target)
             try:
-                target.rmdir()
-            except OSError as exc:
-                if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EBUSY, errno.ENOTDIR):
-                    raise
+                held = open_target(self._kubelet_dir, target)
+            except TargetParentMissing:
+                pass  # the pod's folder is gone: nothing can be mounted there
+            else:
+                with held:
+                    self._mounter.unmount(held, self._store.data_dir(volume_id))
+                    held.remove()
         self._store.remove(volume_id)
 
     # Queries -------------------------------------------------------------
