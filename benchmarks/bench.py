@@ -27,7 +27,6 @@ import trio
 from trio_spirecsi.csi.client import CSIClient, Pod, publish_request, volume_context
 from trio_spirecsi.devagent.agent import DevAgent
 from trio_spirecsi.grpc import open_channel
-from trio_spirecsi.storage.mount import LinuxMounter
 
 from .workload_api import workload_api_latency
 
@@ -210,13 +209,12 @@ async def run(volumes: int, publishes: int) -> None:
     finally:
         if bench.proc and bench.proc.poll() is None:
             bench.proc.kill()
-        mounter = LinuxMounter()
         with open("/proc/self/mountinfo") as info:
             points = [line.split()[4] for line in info]
         for point in reversed(points):
             if point.startswith(str(bench.kubelet) + "/"):
-                mounter.unmount(Path(point))
-        mounter.unmount(root)
+                subprocess.run(["umount", "--lazy", point], check=False)
+        subprocess.run(["umount", "--lazy", str(root)], check=False)
         shutil.rmtree(root, ignore_errors=True)
     print("\n| measure | value |\n|---|---|")
     for name, value in bench.rows:

@@ -13,7 +13,7 @@ from typing import cast
 import pytest
 import trio
 
-from tests.harness import Node, eventually, mount_count, open_node, read_identity
+from tests.harness import Node, eventually, mount_count, mounts_under, open_node, read_identity
 from trio_spirecsi._proto.csi.v1 import csi_pb2 as csi
 from trio_spirecsi.csi.client import publish_request, volume_context
 from trio_spirecsi.grpc import RpcError, StatusCode, methods
@@ -205,6 +205,41 @@ async def test_no_matching_entry_times_out_listing_the_selectors(tmp_path: Path)
         assert node.volume_folders() == []
         assert node.agent.open_svid_subscriptions == []
         assert mount_count(node.target(pod)) == 0
+
+
+async def test_a_target_folder_swapped_for_a_symlink_while_publish_waits_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Publish checks the target, then waits for the pod's first SVID; a folder on the target's
+    path replaced by a symlink meanwhile gets no mount, there or anywhere else."""
+    async with open_node(tmp_path / "n") as node:
+        await node.start_driver()
+        pod = node.pod()
+        node.agent.revoke(node.expected_id(pod))
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        parent = node.target(pod).parent
+        failures: list[RpcError] = []
+
+        async def publish() -> None:
+            with pytest.raises(RpcError) as info:
+                await node.publish(pod)
+            failures.append(info.value)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publish)
+            await eventually(lambda: bool(selectors_of(node, pod.uid)), "publish is waiting")
+            parent.rename(parent.with_name("moved"))
+            parent.symlink_to(outside)
+            node.agent.restore(node.expected_id(pod))
+
+        (error,) = failures
+        assert error.code == StatusCode.INVALID_ARGUMENT
+        assert "target_path" in error.message and "is a symlink" in error.message
+        assert os.listdir(outside) == [] and mounts_under(outside) == []
+        assert mounts_under(node.kubelet_dir) == []
+        assert node.volume_folders() == []
+        await eventually(lambda: not node.agent.open_svid_subscriptions, "the stream closed")
 
 
 async def test_unreachable_agent_fails_publish_naming_the_socket(tmp_path: Path) -> None:

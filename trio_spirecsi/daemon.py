@@ -100,6 +100,7 @@ async def _serve(
                 agent=agent,
                 metrics=metrics,
                 node_id=settings.node_id,
+                kubelet_dir=settings.kubelet_dir,
                 publish_timeout=settings.publish_timeout,
                 selinux_context=settings.selinux_context or None,
                 socket_server=functools.partial(serve_volume_socket, agent=agent),
@@ -157,6 +158,8 @@ async def _serve_http(
 
 def _reason(exc: OSError) -> str:
     """``/path: permission denied``: what failed, where."""
+    if isinstance(exc.__cause__, OSError):  # a StorageError wrapping the system's error
+        exc = exc.__cause__
     reason = (exc.strerror or str(exc)).lower()
     return f"{exc.filename}: {reason}" if exc.filename else reason
 

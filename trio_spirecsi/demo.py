@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 
 from .csi.client import CSIClient, Pod, publish_request, volume_context
 from .grpc import open_channel
-from .storage.mount import LinuxMounter
+from .storage.mount import mount_table
 
 NEXT_STEPS = """
 == next: run it in a cluster whose SPIRE came from its Helm chart
@@ -162,7 +162,7 @@ async def _demo(ttl: int, keep: bool) -> int:
 
             _say("NodeUnpublishVolume")
             await client.unpublish("csi-demo", str(target))
-            mounted = LinuxMounter().is_mounted(target)
+            mounted = any(m.mount_point == target for m in mount_table())
             leftovers = [p.name for p in state.iterdir()] if state.exists() else []
             print(f"   target still mounted: {'yes' if mounted else 'no'}")
             print(f"   volume folders left in the state dir: {leftovers or 'none'}")
