@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -15,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from tests.harness import open_node
+from trio_spirecsi.devagent.agent import DevAgent
 from trio_spirecsi.httpserver import check_health, parse_addr, serve_http
 from trio_spirecsi.metrics import PUBLISH_OUTCOMES, Metrics
 
@@ -512,3 +514,26 @@ async def test_the_running_driver_reports_volumes_expiry_and_agent_readiness(
         await wait_for_readyz(port, 200)
         reconnects = value(await scrape(), "trio_spirecsi_agent_reconnects_total")
         assert reconnects is not None and reconnects >= 1
+
+
+async def test_readyz_tells_a_refusing_agent_from_an_unreachable_one_and_recovers_fast(
+    tmp_path: Path,
+) -> None:
+    refusing = DevAgent("example.org", authorized_uids={os.getuid() + 4242})
+    (tmp_path / "node" / "spire").mkdir(parents=True)
+    async with open_node(tmp_path / "node", refusing) as node:
+        driver = await node.start_driver(metrics_addr="127.0.0.1:0")
+        assert driver.metrics_port
+        port = driver.metrics_port
+        response = await wait_for_readyz(port, 503)
+        assert response.body.startswith(b"agent refused: ")
+        assert b"authorized_delegates" in response.body
+        # Long enough for an exponential schedule to back off to many seconds; a refused
+        # driver keeps asking at least every second instead.
+        await trio.sleep(8)
+        refusing.authorized_uids = None
+        with trio.fail_after(4):  # generous: the schedule retries within a second
+            await wait_for_readyz(port, 200)
+        await node.stop_agent()
+        response = await wait_for_readyz(port, 503)
+        assert response.body.startswith(b"agent unreachable: ")
