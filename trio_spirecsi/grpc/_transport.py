@@ -72,13 +72,12 @@ class Transport:
         self._idle_changed = trio.Event()
         self._handshake = trio.Event()
         self._busy = False
-        self._in_flight = 0
-        self._writing = False
+        self._outbox = bytearray()  # taken from the core, not yet sent
 
     @property
     def queued(self) -> int:
         """Bytes produced for the peer that it has not taken yet (as far as we can tell)."""
-        return self._in_flight + self.core.outbound_pending
+        return len(self._outbox) + self.core.outbound_pending
 
     @property
     def ended(self) -> bool:
@@ -187,19 +186,22 @@ class Transport:
             while True:
                 await self._dirty.wait()
                 self._dirty = trio.Event()
-                data = self.core.data_to_send()
-                if data:
-                    self._writing = True
-                    self._in_flight = len(data)
-                    await self._stream.send_all(data)
-                    self._in_flight = 0
-                    self._writing = False
-                    self.notify()
+                await self._drain()
         except IO_ERRORS as exc:
-            self._writing = False
-            self._in_flight = 0
             self.core.fail(ErrorCodes.NO_ERROR, None, _describe(exc))
             self._scope.cancel()
+
+    async def _drain(self) -> None:
+        """Send until the core has nothing more; cancellation loses no byte (no partial send)."""
+        sock = self._stream.socket
+        while True:
+            if not self._outbox:
+                self._outbox += self.core.data_to_send()
+                if not self._outbox:
+                    return
+            sent = await sock.send(self._outbox)
+            del self._outbox[:sent]
+            self.notify()
 
     async def _watchdog(self) -> None:
         with trio.move_on_after(self._handshake_timeout):
@@ -223,11 +225,8 @@ class Transport:
 
     async def _close(self) -> None:
         """Best effort: send what is pending (GOAWAY last), then close the socket."""
-        if not self._writing:
-            with trio.move_on_after(_CLOSE_GRACE), contextlib.suppress(*IO_ERRORS):
-                data = self.core.data_to_send()
-                if data:
-                    await self._stream.send_all(data)
+        with trio.move_on_after(_CLOSE_GRACE), contextlib.suppress(*IO_ERRORS):
+            await self._drain()
         with contextlib.suppress(*IO_ERRORS):
             await self._stream.aclose()
 
