@@ -184,8 +184,22 @@ class RawPeer:
 
     # -- receiving
 
+    async def accept_client(self, settings: dict[int, int] | None = None) -> None:
+        """Read the client preface, then send SETTINGS, as a server begins."""
+        while len(self._buffer) < len(PREFACE):
+            data = await self.stream.receive_some(65536)
+            assert data, "closed before the preface"
+            self._buffer += data
+        assert bytes(self._buffer[: len(PREFACE)]) == PREFACE
+        del self._buffer[: len(PREFACE)]
+        frame = SettingsFrame(0)
+        frame.settings = dict(settings or {})
+        await self.send(frame)
+
     async def receive(self) -> bool:
-        """Read once and parse what came; False once the peer has closed."""
+        """Parse what is buffered, else read once; False once the peer has closed."""
+        if await self._parse():
+            return True
         if self.eof:
             return False
         try:
@@ -200,6 +214,12 @@ class RawPeer:
             self.eof = True
             return False
         self._buffer += data
+        await self._parse()
+        return True
+
+    async def _parse(self) -> bool:
+        """Turn buffered bytes into frames; True if there was at least one."""
+        found = False
         while len(self._buffer) >= 9:
             frame, length = Frame.parse_frame_header(bytes(self._buffer[:9]))
             if len(self._buffer) < 9 + length:
@@ -214,7 +234,8 @@ class RawPeer:
                 ack.flags.add("ACK")
                 with contextlib.suppress(trio.BrokenResourceError, OSError):
                     await self.send(ack)
-        return True
+            found = True
+        return found
 
     async def wait_for(
         self, check: Callable[[Frame], bool], what: str, limit: float = 20.0

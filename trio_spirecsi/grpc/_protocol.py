@@ -41,7 +41,6 @@ from h2.connection import ConnectionState
 from h2.errors import ErrorCodes as ErrorCodes
 from h2.settings import SettingCodes
 from h2.stream import StreamState
-from hpack.exceptions import HPACKError  # type: ignore[import-untyped]
 
 from ._purerpc import (
     ENCODINGS,
@@ -506,7 +505,7 @@ class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
         except h2.exceptions.DenialOfServiceError:
             raise
         except h2.exceptions.ProtocolError as exc:
-            if isinstance(exc.__context__, HPACKError):
+            if isinstance(exc.__context__, h2.connection.HPACKError):
                 exc.error_code = ErrorCodes.COMPRESSION_ERROR
             raise
 
