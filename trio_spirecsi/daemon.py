@@ -108,7 +108,9 @@ async def _serve(
                 kubelet_dir=settings.kubelet_dir,
                 publish_timeout=settings.publish_timeout,
                 selinux_context=settings.selinux_context or None,
-                socket_server=functools.partial(serve_volume_socket, agent=agent),
+                socket_server=functools.partial(
+                    serve_volume_socket, agent=agent, on_error=count_error
+                ),
             )
             await nursery.start(registry.run)
             node = NodeService(

@@ -350,8 +350,12 @@ async def serve_volume_socket(
     *,
     agent: AgentView,
     jwt_limit: JwtRateLimit = JwtRateLimit(),
+    on_error: Callable[[str], None] | None = None,
 ) -> None:
     """Serve the Workload API at ``data_dir/<workload-api-socket>`` until cancelled.
+
+    The pod is an untrusted peer: the server runs with the default ``ServerLimits``, and
+    ``on_error(kind)`` hears of every connection or stream it ended (``grpc_*`` kinds).
 
     ``serving()`` is called once the socket accepts connections. A stale socket file (left
     by a driver that was killed) is replaced. A failure to create the socket (e.g. another
@@ -360,7 +364,7 @@ async def serve_volume_socket(
     socket file is gone.
     """
     plan = volume.plan
-    server = Server()
+    server = Server(on_error=on_error)
     WorkloadApi(volume, agent, jwt_limit).register(server)
     agent.want_jwt_bundles()
     await _serve(
