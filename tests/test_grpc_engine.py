@@ -22,6 +22,7 @@ from trio_spirecsi.grpc._protocol import (
     MessageReceived,
     ProtocolCore,
     RequestStarted,
+    ResponseEnded,
     SettingsChanged,
     StreamEnded,
     StreamFailed,
@@ -225,3 +226,31 @@ def test_the_core_never_raises_and_a_failure_always_sends_goaway(
     for event in events:
         if isinstance(event, StreamFailed):
             assert event.kind in ("grpc_message_too_large", "grpc_bad_stream")
+
+
+def test_reset_and_window_update_after_a_finished_call_keep_the_connection() -> None:
+    """grpcio ends unary responses with END_STREAM and then RST_STREAM; WINDOW_UPDATE may
+    follow END_STREAM for a while. Neither is a connection error, forgotten stream or not."""
+    import h2.connection
+    from hpack import Encoder
+
+    core = ProtocolCore(client_side=True, limits=WireLimits.for_client(ClientLimits()))
+    core.initiate()
+    encoder = Encoder()
+    events = core.receive(raw_frame(0x4, 0, 0, b""), now=0.0)
+    for sid in (1, 3):
+        assert core.open_stream(request_headers("/a.B/C")) == sid
+        core.send_data(sid, grpc_message(b"request"), end_stream=True)
+        head = encoder.encode([(":status", "200"), ("content-type", "application/grpc")])
+        trailers = encoder.encode([("grpc-status", "0")])
+        response = raw_frame(0x1, 0x4, sid, head) + raw_frame(0x0, 0, sid, grpc_message(b"r"))
+        response += raw_frame(0x1, 0x5, sid, trailers)
+        events += core.receive(response, now=0.0)
+        if sid == 1:  # the first stream is dropped from h2's table, as it is under load
+            h2.connection.H2Connection._open_streams(core.h2, 1)
+            assert 1 not in core.h2.streams
+        late = raw_frame(0x3, 0, sid, struct.pack(">I", 0))
+        late += raw_frame(0x8, 0, sid, struct.pack(">I", 100))
+        events += core.receive(late, now=0.0)
+    assert not [e for e in events if isinstance(e, ConnectionFailed)]
+    assert [e.code for e in events if isinstance(e, ResponseEnded)] == [0, 0]
