@@ -254,3 +254,18 @@ def test_reset_and_window_update_after_a_finished_call_keep_the_connection() -> 
         events += core.receive(late, now=0.0)
     assert not [e for e in events if isinstance(e, ConnectionFailed)]
     assert [e.code for e in events if isinstance(e, ResponseEnded)] == [0, 0]
+
+
+def test_a_header_block_too_large_is_refused_at_its_first_frame_header() -> None:
+    """With frames allowed up to 16 MiB (trusted), a 1 MiB HEADERS frame is still refused
+    as soon as its 9-byte header arrives: its payload is never buffered."""
+    start = PREFACE + raw_frame(0x4, 0, 0, b"")
+    for flags in (0x0, 0x4):  # with or without END_HEADERS
+        limits = WireLimits.for_server(ServerLimits.trusted())
+        core = ProtocolCore(client_side=False, limits=limits)
+        core.initiate()
+        header = struct.pack(">I", MiB)[1:] + bytes([0x1, flags]) + struct.pack(">I", 1)
+        [failure] = [
+            e for e in core.receive(start + header, 0.0) if isinstance(e, ConnectionFailed)
+        ]
+        assert (failure.kind, failure.error_code) == ("grpc_limit_exceeded", 0xB)

@@ -392,12 +392,9 @@ class FrameScanner:
                 self._spend(now, "empty CONTINUATION")
             return
         if frame_type in (_HEADERS, _PUSH_PROMISE):
-            if not flags & _END_HEADERS:
-                self._block = (stream_id, 0, length)
-            elif length > limits.max_header_list_bytes:
-                self._block = (stream_id, 0, length)
-                self._check_block()
-            else:
+            self._block = (stream_id, 0, length)
+            self._check_block()
+            if flags & _END_HEADERS:
                 self._block = None
             if frame_type == _HEADERS and self._server and stream_id > self._highest_stream:
                 self._highest_stream = stream_id
