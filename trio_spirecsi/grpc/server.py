@@ -414,11 +414,8 @@ class ServerConnection:
                     requests = _Requests(self, call, route.method.request_type)
                     await route.bidi(requests, context, send)
                 else:
-                    data = await self._one_request(call)
-                    try:
-                        request = route.method.request_type.FromString(data)
-                    except DecodeError:
-                        raise RpcError(StatusCode.INTERNAL, "could not parse request") from None
+                    # Not kept in a local: a long stream holds the parsed request only.
+                    request = _parse(route.method, await self._one_request(call))
                     if route.unary is not None:
                         await send(await route.unary(request, context))
                     else:
@@ -488,10 +485,18 @@ class _Requests(Generic[Req]):
         data = await self._connection.next_request(self._call)
         if data is None:
             raise StopAsyncIteration
-        try:
-            return self._kind.FromString(data)
-        except DecodeError:
-            raise RpcError(StatusCode.INTERNAL, "could not parse request") from None
+        return _parse_as(self._kind, data)
+
+
+def _parse(method: Method[Req, Any], data: bytes) -> Req:
+    return _parse_as(method.request_type, data)
+
+
+def _parse_as(kind: type[Req], data: bytes) -> Req:
+    try:
+        return kind.FromString(data)
+    except DecodeError:
+        raise RpcError(StatusCode.INTERNAL, "could not parse request") from None
 
 
 def _unimplemented(path: str) -> tuple[StatusCode, str]:
