@@ -42,6 +42,7 @@ from h2.errors import ErrorCodes as ErrorCodes
 from h2.settings import SettingCodes
 from h2.stream import StreamState
 
+from ..ratelimit import TokenBucket
 from ._purerpc import (
     ENCODINGS,
     RESPONSE_HEADERS,
@@ -255,27 +256,6 @@ class Violation(Exception):
         self.reason = reason
 
 
-class TokenBucket:
-    """``rate`` tokens a second, at most ``burst`` saved (and as many to start with)."""
-
-    __slots__ = ("burst", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self.tokens = float(burst)
-        self.stamp: float | None = None
-
-    def take(self, now: float) -> bool:
-        if self.stamp is not None and now > self.stamp:
-            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
-
-
 def _frame_name(frame_type: int) -> str:
     if frame_type < len(_FRAME_NAMES):
         return _FRAME_NAMES[frame_type]
@@ -300,8 +280,16 @@ class FrameScanner:
         self._block: tuple[int, int, int] | None = None  # stream, frames, bytes of a block
         self._settings_seen = False
         self._highest_stream = 0
-        self._control = TokenBucket(limits.control_frames_per_second, limits.control_frame_burst)
-        self._streams = TokenBucket(limits.new_streams_per_second, limits.new_stream_burst)
+        self._now = 0.0
+        self._control = TokenBucket(
+            limits.control_frames_per_second, limits.control_frame_burst, clock=self._clock
+        )
+        self._streams = TokenBucket(
+            limits.new_streams_per_second, limits.new_stream_burst, clock=self._clock
+        )
+
+    def _clock(self) -> float:
+        return self._now
 
     @property
     def handshake_done(self) -> bool:
@@ -313,6 +301,7 @@ class FrameScanner:
 
         Raises Violation at the first frame header that breaks a rule.
         """
+        self._now = max(self._now, now)
         frames: list[bytes] = []
         if self._preface:
             size = min(len(self._preface), len(data))
@@ -337,7 +326,7 @@ class FrameScanner:
                 length = int.from_bytes(buffer[pos : pos + 3], "big")
                 frame_type, flags = buffer[pos + 3], buffer[pos + 4]
                 stream_id = int.from_bytes(buffer[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-                self._check(length, frame_type, flags, stream_id, now)
+                self._check(length, frame_type, flags, stream_id)
                 if frame_type > _CONTINUATION:
                     pos += 9
                     size = min(length, end - pos)
@@ -355,13 +344,13 @@ class FrameScanner:
         del buffer[:pos]
         return frames
 
-    def _spend(self, now: float, what: str) -> None:
-        if not self._control.take(now):
+    def _spend(self, what: str) -> None:
+        if not self._control.take():
             raise Violation(
                 ErrorCodes.ENHANCE_YOUR_CALM, FLOOD, f"too many control frames ({what})"
             )
 
-    def _check(self, length: int, frame_type: int, flags: int, stream_id: int, now: float) -> None:
+    def _check(self, length: int, frame_type: int, flags: int, stream_id: int) -> None:
         limits = self._limits
         name = _frame_name(frame_type)
         if length > limits.max_frame_bytes:
@@ -389,7 +378,7 @@ class FrameScanner:
             if flags & _END_HEADERS:
                 self._block = None
             if length == 0:
-                self._spend(now, "empty CONTINUATION")
+                self._spend("empty CONTINUATION")
             return
         if frame_type in (_HEADERS, _PUSH_PROMISE):
             self._block = (stream_id, 0, length)
@@ -398,21 +387,21 @@ class FrameScanner:
                 self._block = None
             if frame_type == _HEADERS and self._server and stream_id > self._highest_stream:
                 self._highest_stream = stream_id
-                if not self._streams.take(now):
+                if not self._streams.take():
                     raise Violation(
                         ErrorCodes.ENHANCE_YOUR_CALM, FLOOD, "new streams opened too fast"
                     )
             if length == 0 and not flags & _END_STREAM:
-                self._spend(now, f"empty {name}")
+                self._spend(f"empty {name}")
         elif frame_type == _DATA:
             if length == 0 and not flags & _END_STREAM:
-                self._spend(now, "empty DATA")
+                self._spend("empty DATA")
         elif frame_type == _CONTINUATION:
             raise Violation(
                 ErrorCodes.PROTOCOL_ERROR, PROTOCOL_ERROR, "CONTINUATION outside a header block"
             )
         else:
-            self._spend(now, name)
+            self._spend(name)
 
     def _check_block(self) -> None:
         assert self._block is not None

@@ -181,7 +181,7 @@ class WireLimits:
     @classmethod
     def for_client(cls, limits: ClientLimits) -> WireLimits:
         # A client accepts no stream from the server (push is disabled): no stream budget.
-        return cls._make(limits, limits.max_response_bytes, 0, 0.0, 1)
+        return cls._make(limits, limits.max_response_bytes, 0, 1.0, 1)
 
     @classmethod
     def _make(
