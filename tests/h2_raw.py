@@ -79,11 +79,12 @@ def deflate_bomb(inflated: int, *, gzip: bool = False) -> bytes:
 
 
 def raw_frame(frame_type: int, flags: int, stream_id: int, payload: bytes) -> bytes:
-    """Any frame at all, including unknown types and lying lengths are built elsewhere."""
+    """Any frame at all, unknown types and invalid payloads included."""
     return frame_header(len(payload), frame_type, flags, stream_id) + payload
 
 
 def frame_header(length: int, frame_type: int, flags: int, stream_id: int) -> bytes:
+    """A 9-byte frame header alone: it may announce more payload than will ever follow."""
     return struct.pack(">I", length)[1:] + bytes([frame_type, flags]) + struct.pack(">I", stream_id)
 
 
