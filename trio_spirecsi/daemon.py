@@ -29,7 +29,7 @@ from . import __version__, log
 from .config import Settings
 from .csi.identity import IdentityService
 from .csi.node import NodeService
-from .grpc import Server, open_channel
+from .grpc import ClientLimits, Server, ServerLimits, open_channel
 from .httpserver import open_listeners, parse_addr, serve_http
 from .metrics import Metrics
 from .spire.agent import AgentClient
@@ -90,7 +90,12 @@ async def _serve(
     listeners: list[trio.SocketListener] | None,
     task_status: trio.TaskStatus[Daemon],
 ) -> None:
-    async with open_channel(str(settings.admin_socket)) as channel:
+    def count_error(kind: str) -> None:
+        metrics.errors_total.labels(kind=kind).inc()
+
+    async with open_channel(
+        str(settings.admin_socket), limits=ClientLimits.trusted(), on_error=count_error
+    ) as channel:
         agent = AgentClient(channel, settings.admin_socket, metrics)
         async with trio.open_nursery() as nursery:
             await nursery.start(agent.run)
@@ -103,7 +108,9 @@ async def _serve(
                 kubelet_dir=settings.kubelet_dir,
                 publish_timeout=settings.publish_timeout,
                 selinux_context=settings.selinux_context or None,
-                socket_server=functools.partial(serve_volume_socket, agent=agent),
+                socket_server=functools.partial(
+                    serve_volume_socket, agent=agent, on_error=count_error
+                ),
             )
             await nursery.start(registry.run)
             node = NodeService(
@@ -112,7 +119,7 @@ async def _serve(
                 kubelet_dir=settings.kubelet_dir,
                 metrics=metrics,
             )
-            server = Server()
+            server = Server(ServerLimits.trusted(), on_error=count_error)
             IdentityService(settings.driver_name).register(server)
             node.register(server)
             await nursery.start(server.serve, str(settings.csi_socket))

@@ -30,7 +30,15 @@ from cryptography import x509
 from .. import log
 from .._proto.spire.api.agent.delegatedidentity.v1 import delegatedidentity_pb2 as di
 from .._proto.spire.api.types import types_pb2
-from ..grpc import RpcError, Server, ServerContext, StatusCode, StreamSender, methods
+from ..grpc import (
+    RpcError,
+    Server,
+    ServerContext,
+    ServerLimits,
+    StatusCode,
+    StreamSender,
+    methods,
+)
 from ..spiffe import (
     normalise_trust_domain,
     trust_domain_id,
@@ -292,7 +300,7 @@ class DevAgent:
         """
         if self._serving:
             raise RuntimeError("this DevAgent is already serving")
-        server = Server()
+        server = Server(ServerLimits.trusted())
         server.add_stream(methods.SUBSCRIBE_TO_X509_SVIDS, self._subscribe_x509_svids)
         server.add_stream(methods.SUBSCRIBE_TO_X509_BUNDLES, self._subscribe_x509_bundles)
         server.add_unary(methods.FETCH_JWT_SVIDS, self._fetch_jwt_svids)

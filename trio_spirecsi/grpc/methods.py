@@ -21,12 +21,16 @@ Resp = TypeVar("Resp", bound=Message)
 
 @dataclass(frozen=True)
 class Method(Generic[Req, Resp]):
-    """One RPC: its HTTP/2 path, message types and whether it streams responses."""
+    """One RPC: its HTTP/2 path, message types and which sides stream.
+
+    Both streaming flags set is a bidirectional stream (``Server.add_bidi``).
+    """
 
     path: str
     request_type: type[Req]
     response_type: type[Resp]
     server_streaming: bool = False
+    client_streaming: bool = False
 
 
 def _unary(path: str, req: type[Req], resp: type[Resp]) -> Method[Req, Resp]:
@@ -35,6 +39,11 @@ def _unary(path: str, req: type[Req], resp: type[Resp]) -> Method[Req, Resp]:
 
 def _stream(path: str, req: type[Req], resp: type[Resp]) -> Method[Req, Resp]:
     return Method(path, req, resp, server_streaming=True)
+
+
+def bidi(path: str, req: type[Req], resp: type[Resp]) -> Method[Req, Resp]:
+    """A bidirectional streaming method (e.g. Envoy SDS ``StreamSecrets``)."""
+    return Method(path, req, resp, server_streaming=True, client_streaming=True)
 
 
 _I = "/csi.v1.Identity/"

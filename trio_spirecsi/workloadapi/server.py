@@ -30,7 +30,15 @@ from trio_util import wait_any
 
 from .. import log
 from .._proto.spiffe.workload import workload_pb2 as wl
-from ..grpc import RpcError, Server, ServerContext, StatusCode, StreamSender, methods
+from ..grpc import (
+    RpcError,
+    Server,
+    ServerContext,
+    ServerLimits,
+    StatusCode,
+    StreamSender,
+    methods,
+)
 from ..ratelimit import TokenBucket
 from ..spiffe import spiffe_id_problem
 from ..spire.agent import AgentError, Outcome
@@ -350,8 +358,14 @@ async def serve_volume_socket(
     *,
     agent: AgentView,
     jwt_limit: JwtRateLimit = JwtRateLimit(),
+    limits: ServerLimits | None = None,
+    on_error: Callable[[str], None] | None = None,
 ) -> None:
     """Serve the Workload API at ``data_dir/<workload-api-socket>`` until cancelled.
+
+    The pod is an untrusted peer: the server runs with ``limits`` (default: the untrusted
+    ``ServerLimits()``), and ``on_error(kind)`` hears of every connection or stream it ended
+    (``grpc_*`` kinds).
 
     ``serving()`` is called once the socket accepts connections. A stale socket file (left
     by a driver that was killed) is replaced. A failure to create the socket (e.g. another
@@ -360,7 +374,7 @@ async def serve_volume_socket(
     socket file is gone.
     """
     plan = volume.plan
-    server = Server()
+    server = Server(limits, on_error=on_error)
     WorkloadApi(volume, agent, jwt_limit).register(server)
     agent.want_jwt_bundles()
     await _serve(
