@@ -34,6 +34,7 @@ from ..storage.paths import TargetParentMissing, open_target
 from ..storage.writer import DATA_LINK
 from ..watched import Observable
 from .plan import VolumePlan
+from .trace import PublishTrace
 from .volume import Agent, ProblemKind, SocketServer, Volume, VolumeState
 
 logger = logging.getLogger(__name__)
@@ -283,12 +284,14 @@ class Registry:
             else:
                 self._locks[volume_id] = (lock, users - 1)
 
-    async def publish(self, req: PublishRequest) -> None:
+    async def publish(self, req: PublishRequest, trace: PublishTrace | None = None) -> None:
         """Return once the volume's files are complete and mounted at the target.
 
         On any failure (including cancellation of the call) everything this call created is
-        removed again: the agent stream, the files, the mount.
+        removed again: the agent stream, the files, the mount. ``trace`` gets the phases of a
+        publish that creates the volume (see :mod:`.trace`).
         """
+        trace = trace or PublishTrace()
         async with self._locked(req.volume_id):
             known = self._entries.get(req.volume_id)
             if known is not None:
@@ -304,11 +307,15 @@ class Registry:
             )
             # Checked and held from here on: the wait below cannot redirect the mount.
             with open_target(self._kubelet_dir, req.target_path) as target:
+                trace.mark("validate")
                 mounted = False
+                entry: Entry | None = None
                 try:
                     self._store.remove(req.volume_id)
                     self._store.write(md)
+                    trace.mark("metadata")
                     entry = self._start(md, req.spec)
+                    entry.volume.trace = trace
                     with trio.move_on_after(self._publish_timeout):
                         await entry.volume.state.wait_value(_settled)
                     state = entry.volume.state.value
@@ -320,10 +327,15 @@ class Registry:
                         )
                     self._mounter.bind_readonly(entry.volume.plan.data_dir, target)
                     mounted = True
+                    trace.mark("mount")
                 except BaseException:
                     with trio.CancelScope(shield=True):
                         await self._teardown(req.volume_id, req.target_path if mounted else None)
                     raise
+                finally:
+                    trace.close()
+                    if entry is not None:
+                        entry.volume.trace = None
 
     def _republish(self, req: PublishRequest, entry: Entry) -> None:
         if not req.same_as(entry.metadata):

@@ -57,6 +57,7 @@ from ..spire.selectors import Selector
 from ..storage.writer import FileContent, write_atomically
 from ..watched import Observable, Watched
 from .plan import VolumePlan
+from .trace import PublishTrace
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +236,7 @@ class Volume:
         "finished",
         "plan",
         "state",
+        "trace",
         "x509",
     )
 
@@ -266,6 +268,8 @@ class Volume:
         """Digest of the files last written: a bundle update that changes nothing for this
         volume writes nothing (and holds no copy of the files in memory)."""
         self._dirty = trio.Event()
+        self.trace: PublishTrace | None = None
+        """The publish waiting for this volume's first files, if any: its phases are marked."""
 
     # Lifecycle -----------------------------------------------------------
 
@@ -349,6 +353,7 @@ class Volume:
         while True:
             try:
                 async with self._agent.x509_svids(self.plan.selectors) as updates:
+                    self._mark("subscribe")
                     async for update in updates:
                         backoff.reset()
                         self._on_svids(update)
@@ -371,6 +376,7 @@ class Volume:
             else:
                 self._report("svid", Problem.of(update))
             return
+        self._mark("first_svid")
         self._problems.pop("entitlement", None)
         self._report("svid", None)
         self.x509.value = update
@@ -440,6 +446,7 @@ class Volume:
         except RenderError as exc:
             self._report("files", Problem(ProblemKind.LAYOUT, exc.message))
             return True
+        self._mark("render")
         digest = _digest(files)
         if digest == self._written_digest:
             self._report("files", None)
@@ -460,6 +467,7 @@ class Volume:
                 ),
             )
             return False
+        self._mark("write")
         previous = self.state.value.written
         if previous is not None and leaf.expires_at != previous.expires_at:
             self._metrics.svid_rotations_total.inc()
@@ -480,6 +488,10 @@ class Volume:
         return True
 
     # State -----------------------------------------------------------------
+
+    def _mark(self, phase: str) -> None:
+        if self.trace is not None:
+            self.trace.mark(phase)
 
     def _report(
         self, task: str, problem: Problem | None, *, written: Written | None = None
