@@ -394,6 +394,7 @@ class ServerConnection:
             self._server._active -= 1
             del self._calls[call.stream_id]
             self._finish_stream(call.stream_id)
+            self.transport.send_now()
             if not self._calls:
                 self.transport.set_busy(False)
                 if self._draining:
