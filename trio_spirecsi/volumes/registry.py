@@ -254,6 +254,7 @@ class Registry:
             spec=spec,
             selectors=selectors_for(spec.pod, self._node_id),
             selinux_context=self._selinux_context,
+            fsync=self._store.fsync,
         )
         volume = Volume(
             plan,

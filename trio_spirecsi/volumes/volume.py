@@ -453,8 +453,13 @@ class Volume:
             return True
         started = time.perf_counter()
         try:
+            plan = self.plan
             write_atomically(
-                self.plan.data_dir, files, gid=spec.gid, selinux_context=self.plan.selinux_context
+                plan.data_dir,
+                files,
+                gid=spec.gid,
+                selinux_context=plan.selinux_context,
+                fsync=plan.fsync,
             )
         except OSError as exc:
             self._metrics.errors_total.labels(kind="write_failed").inc()
