@@ -8,10 +8,14 @@ both see the same machine at the same moment, and the table shows both with thei
 Absolute times drift on a shared machine; compare within one run. Prints a table.
 
     python -m benchmarks.bench [--volumes 1000] [--publishes 500] [--storm-publishes 200]
-                               [--profile OUT.prof]
+                               [--profile OUT.prof] [--driver-path DIR]
 
 ``--profile`` runs the driver under cProfile during the sequential publishes only (its
 latency is then not comparable); read the result with ``python -m pstats OUT.prof``.
+``--driver-path`` runs every process the bench starts (the driver, the C-core driver, the
+CLI) on the ``trio_spirecsi`` package found in DIR, e.g. an earlier commit's
+(``git archive <commit> trio_spirecsi | tar -x -C DIR``), to compare before and after in
+one session with the same agent and client.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -47,6 +52,7 @@ from .workload_api import workload_api_latency
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
 ROTATIONS = "trio_spirecsi_svid_rotations_total"
+CHECKOUT = Path(__file__).resolve().parent.parent
 _SAMPLE = re.compile(r'^([a-z_]+)(?:\{([a-z_]+)="([^"]*)"\})? (\S+)$')
 
 
@@ -126,13 +132,13 @@ def _cli() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "trio_spirecsi.cli"]
 
 
-async def command_seconds(argv: list[str], runs: int = 5) -> float:
+async def command_seconds(bench: Bench, argv: list[str], runs: int = 5) -> float:
     """Median wall time of ``argv`` from process start to exit (it must succeed)."""
     times = []
     for _ in range(runs):
         started = time.perf_counter()
         done = await trio.to_thread.run_sync(
-            lambda: subprocess.run(argv, capture_output=True, check=False)
+            lambda: subprocess.run(argv, capture_output=True, check=False, **bench.where())
         )
         times.append(time.perf_counter() - started)
         if done.returncode != 0:
@@ -141,7 +147,7 @@ async def command_seconds(argv: list[str], runs: int = 5) -> float:
 
 
 class Bench:
-    def __init__(self, root: Path, profile: Path | None) -> None:
+    def __init__(self, root: Path, profile: Path | None, driver_path: Path | None) -> None:
         self.root = root
         self.admin = root / "admin.sock"
         self.csi = root / "csi.sock"
@@ -155,6 +161,15 @@ class Bench:
         self.rows: list[tuple[str, str]] = []
         self.metrics_port = _free_port()
         self.profile = profile
+        self.driver_path = driver_path
+
+    def where(self, *, benchmarks: bool = False) -> dict[str, Any]:
+        """``cwd`` and ``env`` for a process the bench starts (``benchmarks``: it runs a
+        module of this folder), so that it imports ``trio_spirecsi`` from --driver-path."""
+        if self.driver_path is None:
+            return {}
+        path = [str(self.driver_path), *([str(CHECKOUT)] if benchmarks else [])]
+        return {"cwd": self.root, "env": dict(os.environ, PYTHONPATH=":".join(path))}
 
     async def scrape(self) -> dict[str, float]:
         """The driver's /metrics: ``name`` or ``name{label}`` (the value of the one label) ->
@@ -190,7 +205,9 @@ class Bench:
     async def start_driver(self) -> float:
         """Start the driver; seconds from process start to its CSI socket accepting."""
         started = time.perf_counter()
-        self.proc = subprocess.Popen(self.driver_argv())
+        self.proc = subprocess.Popen(
+            self.driver_argv(), **self.where(benchmarks=self.profile is not None)
+        )
         await wait_accepting(self.csi)
         return time.perf_counter() - started
 
@@ -204,7 +221,7 @@ class Bench:
         argv = [sys.executable, "-m", "benchmarks.ccore_driver", "--csi-socket", str(sock)]
         argv += ["--admin-socket", str(self.admin), "--state-dir", str(self.root / "ccore")]
         argv += ["--kubelet-dir", str(self.kubelet), "--node-id", "bench"]
-        self.ccore = subprocess.Popen(argv)
+        self.ccore = subprocess.Popen(argv, **self.where(benchmarks=True))
         await wait_accepting(sock)
         return sock
 
@@ -260,11 +277,11 @@ async def probe_rows(bench: Bench) -> None:
     health = [*_cli(), "healthcheck", "--url", f"http://127.0.0.1:{bench.metrics_port}/healthz"]
     bench.row(
         "`trio-spirecsi csi probe`: process start to exit (median of 5)",
-        f"{await command_seconds(probe) * 1000:.0f} ms",
+        f"{await command_seconds(bench, probe) * 1000:.0f} ms",
     )
     bench.row(
         "`trio-spirecsi healthcheck`: process start to exit (median of 5)",
-        f"{await command_seconds(health) * 1000:.0f} ms",
+        f"{await command_seconds(bench, health) * 1000:.0f} ms",
     )
 
 
@@ -301,19 +318,15 @@ async def compare_rows(bench: Bench, client: CSIClient, publishes: int) -> None:
     )
     bench.row("ratio trio-spirecsi / C-core (p50 / p99)", f"{o50 / t50:.2f} / {o99 / t99:.2f}")
 
-    def mean_ms(name: str, label: str) -> float:
-        count = after[f"{name}_count{{{label}}}"] - before[f"{name}_count{{{label}}}"]
-        spent = after[f"{name}_sum{{{label}}}"] - before[f"{name}_sum{{{label}}}"]
-        return spent / max(count, 1) * 1000
-
-    phases = 0.0
     for phase in PUBLISH_PHASES:
-        seconds = mean_ms("trio_spirecsi_publish_phase_seconds", phase)
-        phases += seconds
+        if f"trio_spirecsi_publish_phase_seconds_sum{{{phase}}}" not in after:
+            bench.row(f"  publish phase: {phase} (mean)", "n/a (the driver does not report it)")
+            continue
+        seconds = mean_ms(before, after, "trio_spirecsi_publish_phase_seconds", phase)
         bench.row(f"  publish phase: {phase} (mean)", f"{seconds:.2f} ms")
     p50, _ = p50_p99(agent_s)
     bench.row("  of first_svid: the dev agent's own answer (p50, both drivers)", f"{p50:.2f} ms")
-    total = mean_ms("trio_spirecsi_publish_duration_seconds", "ok")
+    total = mean_ms(before, after, "trio_spirecsi_publish_duration_seconds", "ok")
     bench.row("  driver's handler in all (mean; phases add up to it)", f"{total:.2f} ms")
     client_mean = statistics.mean(ours_s) * 1000
     bench.row(
@@ -324,6 +337,13 @@ async def compare_rows(bench: Bench, client: CSIClient, publishes: int) -> None:
         pstats.Stats(str(bench.profile)).sort_stats("tottime").print_stats(25)
 
 
+def mean_ms(before: dict[str, float], after: dict[str, float], name: str, label: str) -> float:
+    """The mean of a histogram's observations between two scrapes, in milliseconds."""
+    count = after[f"{name}_count{{{label}}}"] - before[f"{name}_count{{{label}}}"]
+    spent = after[f"{name}_sum{{{label}}}"] - before[f"{name}_sum{{{label}}}"]
+    return spent / max(count, 1) * 1000
+
+
 async def storm_rows(bench: Bench, client: CSIClient, publishes: int) -> None:
     """Sequential publishes while the agent rotates every volume, again and again."""
     stop = trio.Event()
@@ -331,36 +351,48 @@ async def storm_rows(bench: Bench, client: CSIClient, publishes: int) -> None:
 
     async def storm() -> None:
         nonlocal rounds
+        ttl = bench.agent.svid_ttl
         while not stop.is_set():
-            started = trio.current_time()
             wanted = await bench.counter(ROTATIONS) + len(bench.volumes)
+            # The driver counts a rotation when notAfter changes; it has a resolution of one
+            # second, and rotations follow each other faster than that.
+            ttl += 1
+            bench.agent.svid_ttl = ttl
             bench.agent.rotate()
             with trio.move_on_after(60):
                 while not stop.is_set() and await bench.counter(ROTATIONS) < wanted:
-                    await trio.sleep(0.05)
+                    await trio.sleep(0.02)
             rounds += 1
-            # notAfter has a resolution of one second: a new SVID must expire later.
-            await trio.sleep(max(started + 1.05 - trio.current_time(), 0))
 
     live = len(bench.volumes)
     latencies: list[float] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(storm)
         await trio.sleep(0.2)
+        before = await bench.scrape()
         for _ in range(publishes):
             latencies.append(await bench.publish(client))
+        after = await bench.scrape()
         stop.set()
     bench.row(
         f"publish latency while {live} volumes rotate ({publishes} sequential, p50 / p99)",
         f"{_ms(latencies)} ({rounds} rotations)",
     )
+    if "trio_spirecsi_publish_phase_seconds_sum{mount}" in after:
+        phases = [
+            f"{p} {mean_ms(before, after, 'trio_spirecsi_publish_phase_seconds', p):.1f}"
+            for p in PUBLISH_PHASES
+        ]
+        bench.row("  its phases (mean, ms)", ", ".join(phases))
 
 
-async def run(volumes: int, publishes: int, storm: int, profile: Path | None) -> None:
+async def run(
+    volumes: int, publishes: int, storm: int, profile: Path | None, driver_path: Path | None
+) -> None:
     root = Path(tempfile.mkdtemp(prefix="trio-spirecsi-bench-"))
     # The state dir is on tmpfs in production (/run): measure it there, not on /tmp's disk.
     subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", str(root)], check=True)
-    bench = Bench(root, profile)
+    bench = Bench(root, profile, driver_path)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}"
     )
@@ -486,12 +518,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--publishes", type=int, default=500)
     parser.add_argument("--storm-publishes", type=int, default=200)
     parser.add_argument("--profile", type=Path, help="profile the driver into this file")
+    parser.add_argument(
+        "--driver-path", type=Path, help="run the driver from the trio_spirecsi package in DIR"
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         sys.exit("bench: the driver bind-mounts volumes; run as root (just bench)")
     volumes = max(args.volumes, args.publishes + 2)
     profile = args.profile.resolve() if args.profile else None
-    trio.run(run, volumes, args.publishes, args.storm_publishes, profile)
+    driver_path = args.driver_path.resolve() if args.driver_path else None
+    trio.run(run, volumes, args.publishes, args.storm_publishes, profile, driver_path)
 
 
 if __name__ == "__main__":
