@@ -137,6 +137,7 @@ class Registry:
         self._retry = retry
         self._entries: dict[str, Entry] = {}
         self._locks: dict[str, tuple[trio.Lock, int]] = {}
+        self._rewrites = trio.Lock()
         self._nursery: trio.Nursery | None = None
         metrics.set_expiry_source(self._expiries)
 
@@ -263,6 +264,7 @@ class Registry:
             now=self._now,
             retry=self._retry,
             socket_server=self._socket_server,
+            rewrites=self._rewrites,
         )
         entry = self._entries[md.volume_id] = Entry(md, volume)
         self._metrics.volumes_published.set(len(self._entries))

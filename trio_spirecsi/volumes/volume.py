@@ -230,6 +230,7 @@ class Volume:
         "_now",
         "_problems",
         "_retry",
+        "_rewrites",
         "_socket_server",
         "_written_digest",
         "cancel_scope",
@@ -249,8 +250,13 @@ class Volume:
         now: Callable[[], float] = time.time,
         retry: BackoffPolicy = AGENT_RETRY,
         socket_server: SocketServer | None = None,
+        rewrites: trio.Lock | None = None,
     ) -> None:
         self.plan = plan
+        self._rewrites = rewrites
+        """Shared by the registry's volumes: writes that no publish waits for (rotations,
+        bundle changes, resumed volumes) take turns, one per scheduler turn, so a rotation
+        of every volume never holds the event loop for long; a publish's write skips it."""
         self._agent = agent
         self._metrics = metrics
         self._now = now
@@ -279,7 +285,7 @@ class Volume:
         try:
             with self.cancel_scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._supervise, "svid", self._svid_loop)
+                    nursery.start_soon(self._supervise, "writer", self._write_loop)
                     for audiences in spec.jwt_audiences:
                         loop = functools.partial(self._jwt_loop, audiences)
                         nursery.start_soon(self._supervise, _jwt_task(audiences), loop)
@@ -288,7 +294,8 @@ class Volume:
                     if spec.workload_api and self._socket_server is not None:
                         server = functools.partial(self._socket_server, self, self._served)
                         nursery.start_soon(self._supervise, "socket", server)
-                    await self._supervise("writer", self._write_loop)
+                    # In this task: the subscription starts now, not at the next turn.
+                    await self._supervise("svid", self._svid_loop)
         finally:
             self.state.value = VolumeState(Phase.STOPPED, None, self.state.value.written)
             self.finished.set()
@@ -380,7 +387,9 @@ class Volume:
         self._problems.pop("entitlement", None)
         self._report("svid", None)
         self.x509.value = update
-        self._dirty.set()
+        # A publish waits for these files: write them now rather than at the writer's turn.
+        if self.trace is None or not self._write_if_complete():
+            self._dirty.set()
 
     async def _jwt_loop(self, audiences: tuple[str, ...]) -> None:
         task = _jwt_task(audiences)
@@ -420,8 +429,14 @@ class Volume:
         backoff = self._retry.new()
         while True:
             await self._dirty.wait()
-            self._dirty = trio.Event()
-            if self._write_if_complete():
+            if self._rewrites is not None and self.trace is None:
+                async with self._rewrites:
+                    self._dirty = trio.Event()
+                    written = self._write_if_complete()
+            else:
+                self._dirty = trio.Event()
+                written = self._write_if_complete()
+            if written:
                 backoff.reset()
             else:
                 await trio.sleep(backoff.next())
