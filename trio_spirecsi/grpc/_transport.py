@@ -35,7 +35,7 @@ from ._protocol import (
 logger = logging.getLogger(__name__)
 
 IO_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
-_READ_SIZE = 65536
+_READ_SIZE = 16384
 _CLOSE_GRACE = 1.0
 
 ErrorHook = Callable[[str], None]
