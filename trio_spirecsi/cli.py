@@ -8,6 +8,7 @@ status 2 for a setting the command cannot use, 1 when the command ran and failed
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -92,6 +93,9 @@ def _serve(args: argparse.Namespace) -> int:
                     nursery.cancel_scope.cancel()
                     break
 
+    # What exists now (modules, classes, protobuf descriptors) lives as long as the process:
+    # the collector need not walk it again in every full collection while volumes are served.
+    gc.freeze()
     try:
         trio.run(main)
     except BaseException as exc:
