@@ -8,10 +8,13 @@ both see the same machine at the same moment, and the table shows both with thei
 Absolute times drift on a shared machine; compare within one run. Prints a table.
 
     python -m benchmarks.bench [--volumes 1000] [--publishes 500] [--storm-publishes 200]
-                               [--profile OUT.prof] [--driver-path DIR]
+                               [--profile OUT.prof | --loop-stats OUT.json] [--driver-path DIR]
 
 ``--profile`` runs the driver under cProfile during the sequential publishes only (its
 latency is then not comparable); read the result with ``python -m pstats OUT.prof``.
+``--loop-stats`` times the driver's event loop (scheduler turns, long task steps, garbage
+collection pauses) during the sequential publishes and during the rotation storm
+(:mod:`.loopstats`), and prints what it saw.
 ``--driver-path`` runs every process the bench starts (the driver, the C-core driver, the
 CLI) on the ``trio_spirecsi`` package found in DIR, e.g. an earlier commit's
 (``git archive <commit> trio_spirecsi | tar -x -C DIR``), to compare before and after in
@@ -21,6 +24,7 @@ one session with the same agent and client.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -147,7 +151,12 @@ async def command_seconds(bench: Bench, argv: list[str], runs: int = 5) -> float
 
 
 class Bench:
-    def __init__(self, root: Path, profile: Path | None, driver_path: Path | None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        launcher: tuple[str, Path] | None,
+        driver_path: Path | None,
+    ) -> None:
         self.root = root
         self.admin = root / "admin.sock"
         self.csi = root / "csi.sock"
@@ -160,7 +169,8 @@ class Bench:
         self.volumes: list[tuple[str, Path]] = []
         self.rows: list[tuple[str, str]] = []
         self.metrics_port = _free_port()
-        self.profile = profile
+        self.launcher = launcher
+        """(module, output file) that runs the driver under a profiler or loop timer."""
         self.driver_path = driver_path
 
     def where(self, *, benchmarks: bool = False) -> dict[str, Any]:
@@ -194,8 +204,8 @@ class Bench:
 
     def driver_argv(self) -> list[str]:
         argv = [sys.executable, "-m", "trio_spirecsi.cli", "serve"]
-        if self.profile is not None:
-            argv = [sys.executable, "-m", "benchmarks.profiled", str(self.profile), "serve"]
+        if self.launcher is not None:
+            argv = [sys.executable, "-m", self.launcher[0], str(self.launcher[1]), "serve"]
         argv += ["--csi-endpoint", f"unix://{self.csi}", "--admin-socket", str(self.admin)]
         argv += ["--node-id", "bench", "--state-dir", str(self.state)]
         argv += ["--kubelet-dir", str(self.kubelet), "--log-level", "warning"]
@@ -206,7 +216,7 @@ class Bench:
         """Start the driver; seconds from process start to its CSI socket accepting."""
         started = time.perf_counter()
         self.proc = subprocess.Popen(
-            self.driver_argv(), **self.where(benchmarks=self.profile is not None)
+            self.driver_argv(), **self.where(benchmarks=self.launcher is not None)
         )
         await wait_accepting(self.csi)
         return time.perf_counter() - started
@@ -221,6 +231,7 @@ class Bench:
         argv = [sys.executable, "-m", "benchmarks.ccore_driver", "--csi-socket", str(sock)]
         argv += ["--admin-socket", str(self.admin), "--state-dir", str(self.root / "ccore")]
         argv += ["--kubelet-dir", str(self.kubelet), "--node-id", "bench"]
+        argv += ["--stats", str(self.root / "ccore-stats.json")]
         self.ccore = subprocess.Popen(argv, **self.where(benchmarks=True))
         await wait_accepting(sock)
         return sock
@@ -246,9 +257,38 @@ class Bench:
         self.rows.append((name, value))
         print(f"  {name:<60} {value}", flush=True)
 
-    def signal_driver(self, signum: int) -> None:
-        if self.profile is not None and self.proc is not None:
-            self.proc.send_signal(signum)
+    def start_watching(self) -> None:
+        """Switch the driver's profiler or loop timer on (see --profile, --loop-stats)."""
+        if self.launcher is not None and self.proc is not None:
+            self.proc.send_signal(signal.SIGUSR1)
+
+    async def stop_watching(self, what: str) -> None:
+        """Switch it off; with --loop-stats, print what the loop did during ``what``."""
+        if self.launcher is None or self.proc is None:
+            return
+        module, out = self.launcher
+        lines = out.read_text().count("\n") if out.exists() else 0
+        self.proc.send_signal(signal.SIGUSR2)
+        if module != "benchmarks.loopstats":
+            return
+        with trio.fail_after(10):
+            while not out.exists() or out.read_text().count("\n") == lines:
+                await trio.sleep(0.05)
+        stats = json.loads(out.read_text().splitlines()[-1])
+        gcs = ", ".join(
+            f"gen{g} {v['pauses']}x max {v['max_ms']:.1f} ms" for g, v in stats["gc"].items()
+        )
+        self.row(
+            f"  event loop during {what}: turns p50 / p99 / max",
+            f"{stats['turn_p50_ms']:.2f} / {stats['turn_p99_ms']:.2f} / "
+            f"{stats['turn_max_ms']:.1f} ms ({stats['turns']} turns)",
+        )
+        longest_ms, longest_task = stats["longest_step"]
+        self.row(
+            f"  event loop during {what}: longest task step, steps over 2 ms",
+            f"{longest_ms:.1f} ms ({longest_task}); {stats['steps_over_2ms']}",
+        )
+        self.row(f"  event loop during {what}: garbage collection", gcs or "none")
 
 
 async def wait_until(check: Callable[[], bool], timeout: float) -> float:
@@ -298,16 +338,22 @@ async def compare_rows(bench: Bench, client: CSIClient, publishes: int) -> None:
         answers = len(bench.agent.answer_seconds)
         ours_s: list[float] = []
         theirs_s: list[float] = []
-        bench.signal_driver(signal.SIGUSR1)
+        assert bench.proc is not None and bench.ccore is not None
+        cpu = cpu_seconds(bench.proc.pid), cpu_seconds(bench.ccore.pid)
+        bench.start_watching()
         for _ in range(publishes):
             ours_s.append(await bench.publish(client))
             theirs_s.append(await bench.publish(ccore, theirs))
-        bench.signal_driver(signal.SIGUSR2)
+        await bench.stop_watching("the sequential publishes")
+        ours_cpu = (cpu_seconds(bench.proc.pid) - cpu[0]) / publishes * 1000
+        theirs_cpu = (cpu_seconds(bench.ccore.pid) - cpu[1]) / publishes * 1000
         after = await bench.scrape()
         agent_s = bench.agent.answer_seconds[answers:]
         for volume_id, target in theirs:
             await ccore.unpublish(volume_id, str(target))
     bench.stop(bench.ccore)
+    stats = json.loads((bench.root / "ccore-stats.json").read_text())
+    theirs_handler = statistics.mean(stats["handler_seconds"][-publishes:]) * 1000
     (o50, o99), (t50, t99) = p50_p99(ours_s), p50_p99(theirs_s)
     bench.row(
         f"publish latency, {publishes} sequential (p50 / p99)", f"{o50:.1f} ms / {o99:.1f} ms"
@@ -317,6 +363,10 @@ async def compare_rows(bench: Bench, client: CSIClient, publishes: int) -> None:
         f"{t50:.1f} ms / {t99:.1f} ms",
     )
     bench.row("ratio trio-spirecsi / C-core (p50 / p99)", f"{o50 / t50:.2f} / {o99 / t99:.2f}")
+    bench.row(
+        "CPU per publish: trio-spirecsi / C-core driver (its own process)",
+        f"{ours_cpu:.2f} ms / {theirs_cpu:.2f} ms",
+    )
 
     for phase in PUBLISH_PHASES:
         if f"trio_spirecsi_publish_phase_seconds_sum{{{phase}}}" not in after:
@@ -332,9 +382,15 @@ async def compare_rows(bench: Bench, client: CSIClient, publishes: int) -> None:
     bench.row(
         "  outside the handler: gRPC both ends, the client (mean)", f"{client_mean - total:.2f} ms"
     )
-    if bench.profile is not None:
-        print(f"\nprofile of the driver during the sequential publishes: {bench.profile}")
-        pstats.Stats(str(bench.profile)).sort_stats("tottime").print_stats(25)
+    theirs_mean = statistics.mean(theirs_s) * 1000
+    bench.row(
+        "  C-core driver: its handler / outside it (mean)",
+        f"{theirs_handler:.2f} ms / {theirs_mean - theirs_handler:.2f} ms",
+    )
+    if bench.launcher is not None and bench.launcher[0] == "benchmarks.profiled":
+        out = bench.launcher[1]
+        print(f"\nprofile of the driver during the sequential publishes: {out}")
+        pstats.Stats(str(out)).sort_stats("tottime").print_stats(25)
 
 
 def mean_ms(before: dict[str, float], after: dict[str, float], name: str, label: str) -> float:
@@ -361,7 +417,7 @@ async def storm_rows(bench: Bench, client: CSIClient, publishes: int) -> None:
             bench.agent.rotate()
             with trio.move_on_after(60):
                 while not stop.is_set() and await bench.counter(ROTATIONS) < wanted:
-                    await trio.sleep(0.02)
+                    await trio.sleep(0.1)  # a scrape costs the driver a few ms: not too often
             rounds += 1
 
     live = len(bench.volumes)
@@ -370,6 +426,8 @@ async def storm_rows(bench: Bench, client: CSIClient, publishes: int) -> None:
         nursery.start_soon(storm)
         await trio.sleep(0.2)
         before = await bench.scrape()
+        if bench.launcher is not None and bench.launcher[0] == "benchmarks.loopstats":
+            bench.start_watching()
         for _ in range(publishes):
             latencies.append(await bench.publish(client))
         after = await bench.scrape()
@@ -384,15 +442,21 @@ async def storm_rows(bench: Bench, client: CSIClient, publishes: int) -> None:
             for p in PUBLISH_PHASES
         ]
         bench.row("  its phases (mean, ms)", ", ".join(phases))
+    if bench.launcher is not None and bench.launcher[0] == "benchmarks.loopstats":
+        await bench.stop_watching("the storm")
 
 
 async def run(
-    volumes: int, publishes: int, storm: int, profile: Path | None, driver_path: Path | None
+    volumes: int,
+    publishes: int,
+    storm: int,
+    launcher: tuple[str, Path] | None,
+    driver_path: Path | None,
 ) -> None:
     root = Path(tempfile.mkdtemp(prefix="trio-spirecsi-bench-"))
     # The state dir is on tmpfs in production (/run): measure it there, not on /tmp's disk.
     subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", str(root)], check=True)
-    bench = Bench(root, profile, driver_path)
+    bench = Bench(root, launcher, driver_path)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}"
     )
@@ -517,7 +581,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--volumes", type=int, default=1000)
     parser.add_argument("--publishes", type=int, default=500)
     parser.add_argument("--storm-publishes", type=int, default=200)
-    parser.add_argument("--profile", type=Path, help="profile the driver into this file")
+    watch = parser.add_mutually_exclusive_group()
+    watch.add_argument("--profile", type=Path, help="profile the driver into this file")
+    watch.add_argument(
+        "--loop-stats", type=Path, help="time the driver's event loop, summaries to this file"
+    )
     parser.add_argument(
         "--driver-path", type=Path, help="run the driver from the trio_spirecsi package in DIR"
     )
@@ -525,9 +593,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if os.geteuid() != 0:
         sys.exit("bench: the driver bind-mounts volumes; run as root (just bench)")
     volumes = max(args.volumes, args.publishes + 2)
-    profile = args.profile.resolve() if args.profile else None
+    launcher = None
+    if args.profile:
+        launcher = ("benchmarks.profiled", args.profile.resolve())
+    elif args.loop_stats:
+        launcher = ("benchmarks.loopstats", args.loop_stats.resolve())
+        launcher[1].unlink(missing_ok=True)
     driver_path = args.driver_path.resolve() if args.driver_path else None
-    trio.run(run, volumes, args.publishes, args.storm_publishes, profile, driver_path)
+    trio.run(run, volumes, args.publishes, args.storm_publishes, launcher, driver_path)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ is a test dependency), never shipped.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import threading
@@ -66,6 +67,7 @@ class CCoreDriver:
         self.lock = threading.Lock()
         self.bundles: dict[str, tuple[bytes, ...]] = {}
         self.have_bundles = threading.Event()
+        self.handler_seconds: list[float] = []
         self.subscribe = self.channel.unary_stream(
             methods.SUBSCRIBE_TO_X509_SVIDS.path,
             request_serializer=di.SubscribeToX509SVIDsRequest.SerializeToString,
@@ -102,6 +104,7 @@ class CCoreDriver:
     def publish(
         self, request: csi.NodePublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi.NodePublishVolumeResponse:
+        started = time.perf_counter()
         volume_id = request.volume_id
         ctx = request.volume_context
         selectors = [
@@ -136,6 +139,7 @@ class CCoreDriver:
         volume.thread.start()
         with self.lock:
             self.volumes[volume_id] = volume
+            self.handler_seconds.append(time.perf_counter() - started)
         return csi.NodePublishVolumeResponse()
 
     def _follow(
@@ -198,6 +202,8 @@ def serve(args: argparse.Namespace) -> None:
     server.stop(grace=1).wait()
     driver.bundle_call.cancel()
     driver.channel.close()
+    if args.stats is not None:
+        args.stats.write_text(json.dumps({"handler_seconds": driver.handler_seconds}))
 
 
 def main() -> None:
@@ -208,6 +214,7 @@ def main() -> None:
     parser.add_argument("--kubelet-dir", type=Path, required=True)
     parser.add_argument("--node-id", required=True)
     parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--stats", type=Path, help="write the handler times here at exit")
     serve(parser.parse_args())
     os._exit(0)  # volume threads blocked in grpcio must not delay the exit
 
