@@ -492,8 +492,11 @@ class Volume:
         if previous is not None and leaf.expires_at != previous.expires_at:
             self._metrics.svid_rotations_total.inc()
         self._written_digest = digest
-        not_before = x509.load_der_x509_certificate(leaf.cert_chain[0]).not_valid_before_utc
-        written = Written(leaf.spiffe_id, not_before.timestamp(), float(leaf.expires_at))
+        not_before = leaf.not_before
+        if not_before is None:  # an SVID that did not come through validation (tests)
+            cert = x509.load_der_x509_certificate(leaf.cert_chain[0])
+            not_before = int(cert.not_valid_before_utc.timestamp())
+        written = Written(leaf.spiffe_id, float(not_before), float(leaf.expires_at))
         self._report("files", None, written=written)
         log.event(
             logger,
