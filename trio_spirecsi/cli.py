@@ -216,7 +216,8 @@ class _Version(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> NoReturn:
         from . import __version__
 
-        parser.exit(message=f"{__version__}\n")
+        print(__version__)
+        parser.exit()
 
 
 def _later(module: str, name: str) -> Callable[[argparse.Namespace], int]:
