@@ -325,35 +325,43 @@ async def probe_rows(bench: Bench) -> None:
     )
 
 
-async def compare_rows(bench: Bench, client: CSIClient, publishes: int) -> None:
+async def ccore_handler_seconds(bench: Bench) -> list[float]:
+    """Every publish handler time the C-core driver has recorded so far."""
+    assert bench.ccore is not None
+    stats = bench.root / "ccore-stats.json"
+    stats.unlink(missing_ok=True)
+    bench.ccore.send_signal(signal.SIGUSR1)
+    with trio.fail_after(10):
+        while not stats.exists():
+            await trio.sleep(0.01)
+    seconds: list[float] = json.loads(stats.read_text())["handler_seconds"]
+    return seconds
+
+
+async def compare_rows(bench: Bench, client: CSIClient, ccore: CSIClient, publishes: int) -> None:
     """Sequential publishes alternating between the driver and the C-core one; then the
     phases of the driver's publishes."""
-    sock = await bench.start_ccore()
     theirs: list[tuple[str, Path]] = []
-    async with open_channel(str(sock)) as channel:
-        ccore = CSIClient(channel)
-        for _ in range(3):  # warm up both: connections, first calls
-            await bench.publish(ccore, theirs)
-        before = await bench.scrape()
-        answers = len(bench.agent.answer_seconds)
-        ours_s: list[float] = []
-        theirs_s: list[float] = []
-        assert bench.proc is not None and bench.ccore is not None
-        cpu = cpu_seconds(bench.proc.pid), cpu_seconds(bench.ccore.pid)
-        bench.start_watching()
-        for _ in range(publishes):
-            ours_s.append(await bench.publish(client))
-            theirs_s.append(await bench.publish(ccore, theirs))
-        await bench.stop_watching("the sequential publishes")
-        ours_cpu = (cpu_seconds(bench.proc.pid) - cpu[0]) / publishes * 1000
-        theirs_cpu = (cpu_seconds(bench.ccore.pid) - cpu[1]) / publishes * 1000
-        after = await bench.scrape()
-        agent_s = bench.agent.answer_seconds[answers:]
-        for volume_id, target in theirs:
-            await ccore.unpublish(volume_id, str(target))
-    bench.stop(bench.ccore)
-    stats = json.loads((bench.root / "ccore-stats.json").read_text())
-    theirs_handler = statistics.mean(stats["handler_seconds"][-publishes:]) * 1000
+    for _ in range(3):  # warm up both: connections, first calls
+        await bench.publish(ccore, theirs)
+    before = await bench.scrape()
+    answers = len(bench.agent.answer_seconds)
+    ours_s: list[float] = []
+    theirs_s: list[float] = []
+    assert bench.proc is not None and bench.ccore is not None
+    cpu = cpu_seconds(bench.proc.pid), cpu_seconds(bench.ccore.pid)
+    bench.start_watching()
+    for _ in range(publishes):
+        ours_s.append(await bench.publish(client))
+        theirs_s.append(await bench.publish(ccore, theirs))
+    await bench.stop_watching("the sequential publishes")
+    ours_cpu = (cpu_seconds(bench.proc.pid) - cpu[0]) / publishes * 1000
+    theirs_cpu = (cpu_seconds(bench.ccore.pid) - cpu[1]) / publishes * 1000
+    after = await bench.scrape()
+    agent_s = bench.agent.answer_seconds[answers:]
+    theirs_handler = statistics.mean((await ccore_handler_seconds(bench))[-publishes:]) * 1000
+    for volume_id, target in theirs:
+        await ccore.unpublish(volume_id, str(target))
     (o50, o99), (t50, t99) = p50_p99(ours_s), p50_p99(theirs_s)
     bench.row(
         f"publish latency, {publishes} sequential (p50 / p99)", f"{o50:.1f} ms / {o99:.1f} ms"
@@ -400,8 +408,9 @@ def mean_ms(before: dict[str, float], after: dict[str, float], name: str, label:
     return spent / max(count, 1) * 1000
 
 
-async def storm_rows(bench: Bench, client: CSIClient, publishes: int) -> None:
-    """Sequential publishes while the agent rotates every volume, again and again."""
+async def storm_rows(bench: Bench, client: CSIClient, ccore: CSIClient, publishes: int) -> None:
+    """Sequential publishes while the agent rotates every volume of the driver, again and
+    again, alternating with the C-core driver's (which sees the same agent, as busy)."""
     stop = trio.Event()
     rounds = 0
 
@@ -422,6 +431,8 @@ async def storm_rows(bench: Bench, client: CSIClient, publishes: int) -> None:
 
     live = len(bench.volumes)
     latencies: list[float] = []
+    theirs_s: list[float] = []
+    theirs: list[tuple[str, Path]] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(storm)
         await trio.sleep(0.2)
@@ -430,12 +441,16 @@ async def storm_rows(bench: Bench, client: CSIClient, publishes: int) -> None:
             bench.start_watching()
         for _ in range(publishes):
             latencies.append(await bench.publish(client))
+            theirs_s.append(await bench.publish(ccore, theirs))
         after = await bench.scrape()
         stop.set()
+    for volume_id, target in theirs:
+        await ccore.unpublish(volume_id, str(target))
     bench.row(
         f"publish latency while {live} volumes rotate ({publishes} sequential, p50 / p99)",
         f"{_ms(latencies)} ({rounds} rotations)",
     )
+    bench.row("  C-core driver meanwhile, alternating (p50 / p99)", _ms(theirs_s))
     if "trio_spirecsi_publish_phase_seconds_sum{mount}" in after:
         phases = [
             f"{p} {mean_ms(before, after, 'trio_spirecsi_publish_phase_seconds', p):.1f}"
@@ -466,13 +481,18 @@ async def run(
             await startup_rows(bench)
             await bench.start_driver()
             assert bench.proc is not None
-            async with open_channel(str(bench.csi)) as channel:
+            ccore_sock = await bench.start_ccore()
+            async with (
+                open_channel(str(bench.csi)) as channel,
+                open_channel(str(ccore_sock)) as ccore_channel,
+            ):
                 client = CSIClient(channel)
+                ccore = CSIClient(ccore_channel)
                 await probe_rows(bench)
                 # Warm up (imports, first connection), then measure.
                 await bench.publish(client)
                 base_rss = rss_bytes(bench.proc.pid)
-                await compare_rows(bench, client, publishes)
+                await compare_rows(bench, client, ccore, publishes)
                 for name, value in await workload_api_latency(client, bench.kubelet):
                     bench.row(f"per-pod socket: {name}", value)
 
@@ -491,7 +511,8 @@ async def run(
                 bench.row(f"driver idle CPU with {live} volumes (10 s)", f"{idle:.2f} % of a core")
 
                 await rotation_row(bench)
-                await storm_rows(bench, client, storm)
+                await storm_rows(bench, client, ccore, storm)
+                bench.stop(bench.ccore)
                 await restart_row(bench)
                 for volume_id, target_path in bench.volumes:
                     await client.unpublish(volume_id, str(target_path))

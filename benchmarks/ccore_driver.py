@@ -197,13 +197,21 @@ def serve(args: argparse.Namespace) -> None:
     server.add_insecure_port(f"unix://{args.csi_socket}")
     server.start()
     stop = threading.Event()
+
+    def dump(signum: int, frame: object) -> None:
+        if args.stats is not None:
+            with driver.lock:
+                seconds = list(driver.handler_seconds)
+            tmp = args.stats.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"handler_seconds": seconds}))
+            tmp.rename(args.stats)
+
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    signal.signal(signal.SIGUSR1, dump)
     stop.wait()
     server.stop(grace=1).wait()
     driver.bundle_call.cancel()
     driver.channel.close()
-    if args.stats is not None:
-        args.stats.write_text(json.dumps({"handler_seconds": driver.handler_seconds}))
 
 
 def main() -> None:
@@ -214,7 +222,7 @@ def main() -> None:
     parser.add_argument("--kubelet-dir", type=Path, required=True)
     parser.add_argument("--node-id", required=True)
     parser.add_argument("--threads", type=int, default=16)
-    parser.add_argument("--stats", type=Path, help="write the handler times here at exit")
+    parser.add_argument("--stats", type=Path, help="write the handler times here on SIGUSR1")
     serve(parser.parse_args())
     os._exit(0)  # volume threads blocked in grpcio must not delay the exit
 
