@@ -35,7 +35,7 @@ from ..storage.writer import DATA_LINK
 from ..watched import Observable
 from .plan import VolumePlan
 from .trace import PublishTrace
-from .volume import Agent, ProblemKind, SocketServer, Volume, VolumeState
+from .volume import Agent, ProblemKind, RewriteLane, SocketServer, Volume, VolumeState
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class Registry:
         self._retry = retry
         self._entries: dict[str, Entry] = {}
         self._locks: dict[str, tuple[trio.Lock, int]] = {}
-        self._rewrites = trio.Lock()
+        self._rewrites = RewriteLane()
         self._nursery: trio.Nursery | None = None
         metrics.set_expiry_source(self._expiries)
 
@@ -295,6 +295,13 @@ class Registry:
         publish that creates the volume (see :mod:`.trace`).
         """
         trace = trace or PublishTrace()
+        self._rewrites.publish_started()
+        try:
+            await self._publish(req, trace)
+        finally:
+            self._rewrites.publish_ended()
+
+    async def _publish(self, req: PublishRequest, trace: PublishTrace) -> None:
         async with self._locked(req.volume_id):
             known = self._entries.get(req.volume_id)
             if known is not None:
