@@ -3,6 +3,7 @@ real bind mounts, driven the way the kubelet drives it."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -83,8 +84,11 @@ async def test_a_publish_does_not_wait_behind_other_volumes_rotating(node: Node)
     assert node.daemon is not None
     published = [await node.publish(node.pod(f"web-{n}")) for n in range(3)]
     serials = {target: read_identity(target).serial for _, target in published}
-    lane = node.daemon.registry._rewrites  # hold it: every rewrite waits for its turn
-    async with lane:
+    lane = node.daemon.registry._rewrites
+    # Hold every turn of the lane: every rewrite waits.
+    async with contextlib.AsyncExitStack() as turns:
+        for _ in range(lane.per_turn):
+            await turns.enter_async_context(lane)
         node.agent.rotate()
         _, late = await node.publish(node.pod("late"))
         assert read_identity(late).key_matches

@@ -17,16 +17,23 @@ async def _rewrite(lane: RewriteLane, log: list[str], name: str) -> None:
         log.append(f"{name} out")
 
 
-async def test_rewrites_take_turns_one_at_a_time_in_arrival_order(
+async def test_rewrites_take_turns_a_few_at_a_time(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    lane = RewriteLane()
+    lane = RewriteLane(per_turn=2)
     log: list[str] = []
     async with trio.open_nursery() as nursery:
-        for name in ("a", "b", "c"):
+        for name in ("a", "b", "c", "d"):
             nursery.start_soon(_rewrite, lane, log, name)
             await trio.testing.wait_all_tasks_blocked()
-    assert log == ["a in", "a out", "b in", "b out", "c in", "c out"]
+    # The first two to arrive go first; the others as places free up.
+    assert log[:2] == ["a in", "b in"]
+    first_out = min(log.index("a out"), log.index("b out"))
+    assert min(log.index("c in"), log.index("d in")) > first_out
+    inside = 0
+    for entry in log:
+        inside += 1 if entry.endswith(" in") else -1
+        assert inside <= 2
 
 
 async def test_a_rewrite_gives_way_to_a_publish_in_progress(
@@ -57,6 +64,8 @@ async def test_a_rewrite_waits_no_longer_than_max_wait(
     assert lane.publishing == 1
 
 
-def test_a_negative_wait_is_refused() -> None:
+def test_limits_out_of_range_are_refused() -> None:
     with pytest.raises(ValueError, match="max_wait"):
         RewriteLane(max_wait=-1)
+    with pytest.raises(ValueError, match="per_turn"):
+        RewriteLane(per_turn=0)

@@ -95,22 +95,25 @@ class RewriteLane:
     """Where writes that no publish waits for (rotations, bundle changes, resumed volumes)
     take turns, shared by a registry's volumes.
 
-    One write per scheduler turn, in arrival order, so a rotation of every volume never
-    holds the event loop for long; and while a publish is in progress (between
-    :meth:`publish_started` and :meth:`publish_ended`) the next write waits for it to end,
-    for at most ``max_wait`` seconds (0.1), so that a publish meets as little of other
-    volumes' work as possible while no rotation is held up for long. A publish's own first
-    write never goes through the lane.
+    At most ``per_turn`` writes (3) per scheduler turn, in arrival order, so a rotation of
+    every volume never holds the event loop for long; and while a publish is in progress
+    (between :meth:`publish_started` and :meth:`publish_ended`) the next writes wait for it
+    to end, for at most ``max_wait`` seconds (0.1), so that a publish meets as little of
+    other volumes' work as possible while no rotation is held up for long. A publish's own
+    first write never goes through the lane.
     """
 
-    __slots__ = ("_idle", "_lock", "max_wait", "publishing")
+    __slots__ = ("_idle", "_turns", "max_wait", "per_turn", "publishing")
 
-    def __init__(self, max_wait: float = 0.1) -> None:
+    def __init__(self, *, per_turn: int = 3, max_wait: float = 0.1) -> None:
+        if per_turn < 1:
+            raise ValueError(f"per_turn must be 1 or more, not {per_turn}")
         if not max_wait >= 0:
             raise ValueError(f"max_wait must be 0 or more seconds, not {max_wait}")
+        self.per_turn = per_turn
         self.max_wait = max_wait
         self.publishing = 0
-        self._lock = trio.Lock()
+        self._turns = trio.Semaphore(per_turn)
         self._idle = trio.Event()
         self._idle.set()
 
@@ -125,17 +128,17 @@ class RewriteLane:
             self._idle.set()
 
     async def __aenter__(self) -> None:
-        await self._lock.acquire()
+        await self._turns.acquire()
         try:
             if self.publishing:
                 with trio.move_on_after(self.max_wait):
                     await self._idle.wait()
         except BaseException:
-            self._lock.release()
+            self._turns.release()
             raise
 
     async def __aexit__(self, *exc: object) -> None:
-        self._lock.release()
+        self._turns.release()
 
 
 class Phase(enum.Enum):
