@@ -278,8 +278,14 @@ class Registry:
         lock, users = self._locks.get(volume_id, (trio.Lock(), 0))
         self._locks[volume_id] = (lock, users + 1)
         try:
-            async with lock:
+            try:
+                lock.acquire_nowait()  # free (the usual case): no turn lost waiting for it
+            except trio.WouldBlock:
+                await lock.acquire()
+            try:
                 yield
+            finally:
+                lock.release()
         finally:
             lock, users = self._locks[volume_id]
             if users == 1:
