@@ -198,7 +198,8 @@ class Transport:
                     SLOW_READER,
                     f"peer does not read: more than {self._max_queue} bytes queued",
                 )
-            self.flush()
+            if self.core.outbound_pending:  # acks, settings, GOAWAY: else no writer turn
+                self.flush()
 
     async def _write_loop(self) -> None:
         try:
