@@ -19,7 +19,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -39,7 +38,7 @@ from ..grpc import (
     StreamSender,
     methods,
 )
-from ..ratelimit import TokenBucket
+from ..ratelimit import RateLimit, TokenBucket
 from ..spiffe import spiffe_id_problem
 from ..spire.agent import AgentError, Outcome
 from ..spire.responses import BundleSet, JwtBundles, JwtSvid, X509Bundles, X509Update
@@ -117,25 +116,21 @@ def _is_not(seen: object, value: object) -> bool:
     return value is not seen
 
 
-@dataclass(frozen=True)
-class JwtRateLimit:
-    """Per pod and per method, how often FetchJWTSVID and ValidateJWTSVID may be called
-    (each FetchJWTSVID is an agent call; each ValidateJWTSVID verifies a signature)."""
-
-    per_second: float = 10.0
-    burst: int = 20
+JWT_RATE = RateLimit(10.0, 20)
+"""Per pod and per method, how often FetchJWTSVID and ValidateJWTSVID may be called by
+default (each FetchJWTSVID is an agent call; each ValidateJWTSVID verifies a signature)."""
 
 
 class WorkloadApi:
     """The five Workload API handlers for one volume."""
 
     def __init__(
-        self, volume: VolumeView, agent: AgentView, jwt_limit: JwtRateLimit = JwtRateLimit()
+        self, volume: VolumeView, agent: AgentView, jwt_limit: RateLimit = JWT_RATE
     ) -> None:
         self._volume = volume
         self._agent = agent
-        self._fetch_limit = TokenBucket(jwt_limit.per_second, jwt_limit.burst)
-        self._validate_limit = TokenBucket(jwt_limit.per_second, jwt_limit.burst)
+        self._fetch_limit = jwt_limit.bucket()
+        self._validate_limit = jwt_limit.bucket()
 
     def register(self, server: Server) -> None:
         server.add_stream(methods.FETCH_X509_SVID, self.fetch_x509_svid)
@@ -357,7 +352,7 @@ async def serve_volume_socket(
     serving: Callable[[], None],
     *,
     agent: AgentView,
-    jwt_limit: JwtRateLimit = JwtRateLimit(),
+    jwt_limit: RateLimit = JWT_RATE,
     limits: ServerLimits | None = None,
     on_error: Callable[[str], None] | None = None,
 ) -> None:
