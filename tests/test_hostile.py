@@ -107,8 +107,20 @@ def baseline(node: Node, pods: Pods) -> int:
     return count
 
 
+_started: list[attacks.Attack] = []
+
+
+@pytest.fixture(autouse=True)
+def attackers_leave() -> Iterator[None]:
+    """Whatever a test asserted, its attacker's connections are closed afterwards."""
+    yield
+    while _started:
+        _started.pop().close()
+
+
 async def run(attack: attacks.Attack) -> attacks.Outcome:
     """Run the (blocking) attack in a worker thread; the attacker stays connected."""
+    _started.append(attack)
     await trio.to_thread.run_sync(attack.run)
     return attack.outcome()
 
