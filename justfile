@@ -36,8 +36,7 @@ protos:
 bench *ARGS: setup
     unshare -m --propagation private {{venv}}/python -m benchmarks.bench {{ARGS}}
 
-# Hostile pods against the driver process: peak RSS, Probe latency, victim rotation and
-# descriptors per attack (measured, never asserted); `just hostile --list` names them
+# Hostile pods against the driver process: RSS, Probe, victim rotation, fds per attack (measured)
 hostile *ARGS: setup
     unshare -m --propagation private {{venv}}/python -m benchmarks.hostile {{ARGS}}
 
