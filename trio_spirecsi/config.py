@@ -48,8 +48,6 @@ class Settings:
     keep_set_aside: int = 32
 
 
-
-
 def _shown(value: float) -> str:
     """A default as the flag would be written: ``1048576``, ``5``, ``0.5``."""
     return str(int(value)) if float(value).is_integer() else str(value)

@@ -114,6 +114,7 @@ async def _serve(
                     limits=settings.pod_socket,
                     jwt_limit=settings.pod_socket_jwt,
                     on_error=count_error,
+                    metrics=metrics,
                 ),
             )
             await nursery.start(registry.run)

@@ -30,9 +30,9 @@ from pathlib import Path
 import trio
 from cryptography import x509
 
+from tests.harness import detach_mounts_under
 from trio_spirecsi.csi.client import CSIClient, Pod, publish_request, volume_context
 from trio_spirecsi.grpc import open_channel
-from trio_spirecsi.storage.mount import LinuxMounter
 
 from .wire import connect_unix
 
@@ -247,13 +247,7 @@ class Node:
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        mounter = LinuxMounter()
-        prefix = str(self.root.resolve())
-        with open("/proc/self/mountinfo") as info:
-            points = [line.split()[4].encode().decode("unicode_escape") for line in info]
-        for point in sorted(points, key=len, reverse=True):
-            if point == prefix or point.startswith(prefix + "/"):
-                mounter.unmount(Path(point))
+        detach_mounts_under(self.root)
         self._mounted = False
         with contextlib.suppress(OSError):
             self.root.rmdir()

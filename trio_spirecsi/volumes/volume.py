@@ -511,6 +511,10 @@ class Volume:
                 reason=problem.message,
             )
 
+    def now(self) -> float:
+        """The wall clock the volume uses (unix seconds; injected in tests)."""
+        return self._now()
+
     def condition(self, now: float | None = None) -> tuple[bool, str]:
         """(abnormal, message) for VOLUME_CONDITION, now."""
         return self.state.value.condition(self._now() if now is None else now)
