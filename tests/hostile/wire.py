@@ -16,6 +16,7 @@ import select
 import socket
 import struct
 import time
+import urllib.parse
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -347,7 +348,8 @@ class Seen:
                     code = int(block["grpc-status"])
                 except ValueError:
                     code = -1
-                return code, block.get("grpc-message", "")
+                # grpc-message is percent-encoded on the wire (gRPC's HTTP/2 spec).
+                return code, urllib.parse.unquote(block.get("grpc-message", ""))
         return None
 
     def statuses(self) -> dict[int, int]:
