@@ -90,6 +90,9 @@ def publish_failure(state: VolumeState, waited: str, *, agent_ready: bool) -> Pu
     """
     problem = state.problem
     kind = problem.kind if problem is not None else None
+    if state.written is not None and not state.ready:
+        reason = problem.message if problem is not None else "it does not accept connections yet"
+        return PublishFailed("internal", f"the pod's socket is not ready {waited}: {reason}")
     if kind is ProblemKind.DENIED:
         assert problem is not None
         return PublishFailed("permission_denied", problem.message)
@@ -312,7 +315,7 @@ class Registry:
                     with trio.move_on_after(self._publish_timeout):
                         await entry.volume.state.wait_value(_settled)
                     state = entry.volume.state.value
-                    if state.written is None:
+                    if not state.ready:
                         raise publish_failure(
                             state,
                             f"within {self._publish_timeout:g}s",
