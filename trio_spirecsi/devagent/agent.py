@@ -206,11 +206,13 @@ class DevAgent:
 
     # Controls ----------------------------------------------------------------
 
-    def rotate(self) -> None:
-        """Re-issue every cached SVID now; subscribers get the new ones."""
-        for cached in list(self._cache.values()):
-            self._store(cached.entry)
-        self._log_rotation("all", len(self._cache))
+    def rotate(self, spiffe_id: str | None = None) -> None:
+        """Re-issue every cached SVID now (only those of ``spiffe_id`` if given); their
+        subscribers get the new ones."""
+        cached = [c for c in self._cache.values() if spiffe_id in (None, c.entry.spiffe_id)]
+        for item in cached:
+            self._store(item.entry)
+        self._log_rotation(spiffe_id or "all", len(cached))
         self._wake(w for ws in self._svid_watchers.values() for w in ws)
 
     def rotate_ca(self, *, keep_old: bool = False) -> None:
