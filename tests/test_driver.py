@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import cast
@@ -366,3 +367,30 @@ async def test_selinux_context_labels_the_files_pods_read(tmp_path: Path) -> Non
         _, target = await node.publish(node.pod())
         for name in ("svid.pem", "svid_key.pem", "svid_bundle.pem"):
             assert os.getxattr(target / name, "security.selinux") == label.encode()
+
+
+async def test_a_storage_failure_reaches_the_kubelet_as_internal_with_its_reason(
+    node: Node, tmp_path: Path
+) -> None:
+    """Something else holds the volume's data mounted: unpublish must not delete files a
+    mount still shows, and says why instead of UNKNOWN; the retry works once it is gone."""
+    volume_id, target = await node.publish(node.pod())
+    (name,) = node.volume_folders()
+    folder = node.state_dir / name
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    subprocess.run(["mount", "--bind", str(folder / "data"), str(elsewhere)], check=True)
+    try:
+        with pytest.raises(RpcError) as info:
+            await node.client.unpublish(volume_id, str(target))
+        assert info.value.code == StatusCode.INTERNAL
+        assert str(elsewhere) in info.value.message
+        daemon = node.daemon
+        assert daemon is not None
+        errors = daemon.metrics.errors_total.labels(kind="storage_failed")._value.get()
+        assert errors == 1
+    finally:
+        subprocess.run(["umount", str(elsewhere)], check=True)
+    await node.client.unpublish(volume_id, str(target))
+    assert node.volume_folders() == []
+    assert mount_count(target) == 0
