@@ -394,3 +394,18 @@ async def test_a_storage_failure_reaches_the_kubelet_as_internal_with_its_reason
     await node.client.unpublish(volume_id, str(target))
     assert node.volume_folders() == []
     assert mount_count(target) == 0
+
+
+async def test_a_target_whose_parent_is_missing_is_invalid_argument_not_internal(
+    node: Node,
+) -> None:
+    pod = node.pod()
+    target = node.kubelet_dir / "pods" / pod.uid / "volumes" / "kubernetes.io~csi" / "x" / "mount"
+    context = volume_context(pod, {})
+    with pytest.raises(RpcError) as info:
+        await node.client.publish(publish_request("csi-orphan", str(target), context))
+    assert info.value.code == StatusCode.INVALID_ARGUMENT
+    assert info.value.message.startswith("target_path: ")
+    assert "does not exist" in info.value.message
+    assert node.volume_folders() == []
+    assert node.agent.open_svid_subscriptions == []
