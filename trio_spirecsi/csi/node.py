@@ -14,6 +14,7 @@ from ..errors import InvalidArgument, PublishFailed, SpireCSIError
 from ..grpc import Server, ServerContext, methods
 from ..metrics import Metrics
 from ..storage.metadata import MetadataError
+from ..storage.paths import check_target_path
 from ..volumes.registry import PublishRequest, Registry
 from .status import handler, internal_error
 
@@ -182,21 +183,9 @@ class NodeService:
     # Validation ----------------------------------------------------------
 
     def _target(self, value: str, field: str) -> Path:
-        """An absolute path whose real location is inside --kubelet-dir."""
-        path = _required(value, field)
-        if not os.path.isabs(path) or ".." in path.split("/") or "\0" in path:
-            raise InvalidArgument(
-                field, f"{path!r} must be an absolute path without '..' or NUL characters"
-            )
-        root = os.path.realpath(self._kubelet_dir)
-        real = os.path.realpath(path)
-        if os.path.commonpath([root, real]) != root or real == root:
-            raise InvalidArgument(
-                field,
-                f"{path!r} is outside the kubelet folder {self._kubelet_dir} (--kubelet-dir); "
-                "set --kubelet-dir to the kubelet's root folder",
-            )
-        return Path(os.path.normpath(path))
+        """An absolute path below --kubelet-dir, as written; the registry walks it without
+        following symlinks before it mounts or unmounts anything."""
+        return check_target_path(self._kubelet_dir, _required(value, field), field=field)
 
 
 def _required(value: str, field: str) -> str:
