@@ -521,3 +521,18 @@ async def test_data_dir_keeps_the_trust_bundle_across_agents(
     async with serving(third, sock_dir) as peer:
         [svid] = (await peer.svids(pod()).next()).x509_svids
         leaf(svid).verify_directly_issued_by(first.ca.root_certificate)
+
+
+async def test_a_garbled_svid_carries_no_usable_key_until_ungarbled(sock_dir: Path) -> None:
+    agent = DevAgent("example.org")
+    async with serving(agent, sock_dir) as peer:
+        stream = peer.svids(pod())
+        [first] = (await stream.next()).x509_svids
+        agent.garble(SHOP_WEB)
+        [garbled] = (await stream.next()).x509_svids
+        assert garbled.x509_svid.cert_chain == first.x509_svid.cert_chain
+        with pytest.raises(ValueError):
+            serialization.load_der_private_key(garbled.x509_svid_key, None)
+        agent.ungarble(SHOP_WEB)
+        [back] = (await stream.next()).x509_svids
+        assert back.x509_svid_key == first.x509_svid_key

@@ -409,3 +409,35 @@ async def test_a_target_whose_parent_is_missing_is_invalid_argument_not_internal
     assert "does not exist" in info.value.message
     assert node.volume_folders() == []
     assert node.agent.open_svid_subscriptions == []
+
+
+async def test_malformed_agent_data_keeps_the_files_and_refuses_new_publishes(
+    tmp_path: Path,
+) -> None:
+    async with open_node(tmp_path / "n") as node:
+        daemon = await node.start_driver(publish_timeout=2.0)
+        pod = node.pod("web-0")
+        volume_id, target = await node.publish(pod)
+        before = read_identity(target)
+        node.agent.garble(before.spiffe_id)
+        node.agent.rotate(before.spiffe_id)
+        await eventually(
+            lambda: daemon.metrics.errors_total.labels(kind="agent_bad_data")._value.get() >= 1,
+            "the garbled SVID counted as bad agent data",
+        )
+        assert read_identity(target) == before  # the last good files stay
+        volume = daemon.registry.get(volume_id)
+        assert volume is not None
+        problem = volume.state.value.problem
+        assert problem is not None and "cannot use" in problem.message
+
+        with pytest.raises(RpcError) as info:
+            await node.publish(node.pod("web-1"))
+        assert info.value.code == StatusCode.FAILED_PRECONDITION
+        assert "no usable SVID" in info.value.message
+        assert "private key" in info.value.message
+
+        node.agent.ungarble(before.spiffe_id)
+        await eventually(lambda: read_identity(target).serial != before.serial, "recovered")
+        assert read_identity(target).key_matches
+        assert volume.state.value.problem is None
