@@ -385,6 +385,9 @@ async def test_a_storage_failure_reaches_the_kubelet_as_internal_with_its_reason
             await node.client.unpublish(volume_id, str(target))
         assert info.value.code == StatusCode.INTERNAL
         assert str(elsewhere) in info.value.message
+        # All or nothing: the pod still has its files, the agent stream is still open.
+        assert mount_count(target) == 1 and read_identity(target).key_matches
+        assert len(node.agent.open_svid_subscriptions) == 1
         daemon = node.daemon
         assert daemon is not None
         errors = daemon.metrics.errors_total.labels(kind="storage_failed")._value.get()

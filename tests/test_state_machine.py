@@ -859,8 +859,8 @@ class DriverMachine(RuleBasedStateMachine):
             return
         data = self.node.state_dir / folder_name(volume.volume_id) / "data"
         subprocess.run(["mount", "--bind", str(data), str(data)], check=True)
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(data)], check=True)
         self.readonly.add(volume.volume_id)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(data), str(data)], check=True)
 
     @precondition(lambda self: bool(self.readonly))
     @rule()
