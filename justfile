@@ -40,6 +40,10 @@ protos:
 bench *ARGS: setup
     unshare -m --propagation private {{venv}}/python -m benchmarks.bench {{ARGS}}
 
+# Hostile pods against the driver process: RSS, Probe, victim rotation, fds per attack (measured)
+hostile *ARGS: setup
+    unshare -m --propagation private {{venv}}/python -m benchmarks.hostile {{ARGS}}
+
 # The state machine under the long hypothesis profile (minutes to hours)
 soak *ARGS: setup
     HYPOTHESIS_PROFILE=long unshare -m --propagation private {{venv}}/pytest -q -p no:cacheprovider tests/test_state_machine.py {{ARGS}}

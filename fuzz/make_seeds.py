@@ -178,7 +178,7 @@ def publish_request_seeds() -> dict[str, bytes]:
 
 
 def grpc_server() -> dict[str, bytes]:
-    from hpack import Encoder  # type: ignore[import-untyped]
+    from hpack import Encoder
 
     def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
         head = len(payload).to_bytes(3, "big") + bytes([kind, flags])

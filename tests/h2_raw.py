@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import trio
-from hpack import Decoder, Encoder  # type: ignore[import-untyped]
-from hyperframe.frame import (  # type: ignore[import-untyped]
+from hpack import Decoder, Encoder
+from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
     Frame,

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import pytest
 import trio
-from hyperframe.frame import (  # type: ignore[import-untyped]
+from hyperframe.frame import (
     DataFrame,
     GoAwayFrame,
     HeadersFrame,

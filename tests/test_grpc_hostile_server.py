@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame  # type: ignore[import-untyped]
+from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame
 
 from tests.grpc_peer import short_dir
 from tests.h2_raw import (

@@ -267,6 +267,7 @@ def test_every_manifest_file_is_validated_or_checked_by_hand() -> None:
         "k8s/base/serviceaccount.yaml",
         "examples/pod.yaml",
         "examples/envoy.yaml",
+        "examples/envoy-sds.yaml",
         "examples/curl-jwt-job.yaml",
         "examples/selinux/pod.yaml",
     }
@@ -822,6 +823,46 @@ def test_envoy_watches_the_volume_folder_for_the_default_file_names() -> None:
         service["spec"]["selector"].items()
         <= deployment["spec"]["template"]["metadata"]["labels"].items()
     )
+
+
+def _walk(node: object) -> list[dict[str, Any]]:
+    """Every mapping inside a parsed YAML document."""
+    found: list[dict[str, Any]] = []
+    if isinstance(node, dict):
+        found.append(node)
+        for value in node.values():
+            found += _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += _walk(value)
+    return found
+
+
+def test_envoy_gets_its_identity_over_sds_from_the_pods_socket_where_istio_looks() -> None:
+    docs = load_docs(EXAMPLES / "envoy-sds.yaml")
+    bootstrap = yaml.safe_load(one(docs, "ConfigMap")["data"]["envoy.yaml"])
+    spec = one(docs, "Deployment")["spec"]["template"]["spec"]
+    ((volume, csi),) = _csi_volumes(spec).items()
+    (folder,) = _mount_paths(spec, volume)
+    attributes = csi["volumeAttributes"]
+    assert attributes["csi.spire.io/workload-api"] == "true"
+    assert folder == "/var/run/secrets/workload-spiffe-uds"  # Istio's WorkloadIdentityPath
+    assert attributes["csi.spire.io/workload-api-socket"] == "socket"  # Istio's default name
+    (cluster,) = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] != "app"]
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["pipe"]["path"] == f"{folder}/socket"
+    options = cluster["typed_extension_protocol_options"]
+    assert "http2_protocol_options" in str(options)  # gRPC needs HTTP/2 to the socket
+    configs = [m for m in _walk(bootstrap) if "sds_config" in m]
+    assert sorted(c["name"] for c in configs) == ["ROOTCA", "default"]
+    for config in configs:
+        source = config["sds_config"]["api_config_source"]
+        assert source["api_type"] == "GRPC" and source["transport_api_version"] == "V3"
+        (service,) = source["grpc_services"]
+        assert service["envoy_grpc"]["cluster_name"] == cluster["name"]
+    # The socket is 0660 owned by the pod's fsGroup; Envoy runs as a member of it.
+    security = spec["securityContext"]
+    assert security["fsGroup"] == security["runAsGroup"]
 
 
 def test_curl_job_reads_its_jwt_from_the_file_the_driver_writes() -> None:

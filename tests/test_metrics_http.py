@@ -128,6 +128,9 @@ METRIC_NAMES = [
     "trio_spirecsi_svid_expiry_min_seconds",
     "trio_spirecsi_svids_expiring",
     "trio_spirecsi_build_info",
+    "trio_spirecsi_sds_streams_open",
+    "trio_spirecsi_sds_resources_sent_total",
+    "trio_spirecsi_sds_nacks_total",
 ]
 PROCESS_METRIC_NAMES = [
     "process_resident_memory_bytes",
@@ -186,7 +189,15 @@ async def test_no_metric_carries_a_per_pod_label(server: Server) -> None:
     body = (await request(server.port, "/metrics")).body
 
     label_names = {name for sample in samples(body) for name in sample.labels}
-    assert label_names == {"outcome", "phase", "kind", "le", "version", "within_seconds"}
+    assert label_names == {
+        "outcome",
+        "phase",
+        "kind",
+        "le",
+        "version",
+        "within_seconds",
+        "resource",
+    }
 
 
 async def test_expiry_min_gauge_follows_the_source_at_scrape_time(server: Server) -> None:

@@ -561,12 +561,23 @@ async def test_a_resumed_volume_waits_for_the_agent_then_answers(
 
 
 async def test_latency_benchmark_measures_each_call_and_cleans_up(node: Node) -> None:
-    rows = await workload_api_latency(node.client, node.kubelet_dir, calls=5)
+    rotations: list[int] = []
+
+    def rotate() -> None:
+        rotations.append(1)
+        node.agent.rotate("spiffe://example.org/ns/bench/sa/socket")
+
+    rows = await workload_api_latency(
+        node.client, node.kubelet_dir, calls=5, rotate=rotate, rotations=3
+    )
     assert [name.split(",")[0] for name, _ in rows] == [
         "Workload API FetchX509SVID",
         "Workload API FetchJWTSVID",
         "Workload API ValidateJWTSVID",
+        "SDS first StreamSecrets response",
+        "SDS push after a rotation",
     ]
+    assert len(rotations) == 3
     assert all(re.fullmatch(r"\d+\.\d\d ms / \d+\.\d\d ms", value) for _, value in rows)
     assert node.volume_folders() == []
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from .grpc.limits import ServerLimits
+from .ratelimit import RateLimit
 
 ENV_PREFIX = "TRIO_SPIRECSI_"
 DEFAULT_DRIVER_NAME = "csi.spire.io"
@@ -18,6 +22,10 @@ class ConfigError(Exception):
     The message is one line that names the setting and its value and says what to do; the
     command line prints it as it is, without a traceback.
     """
+
+
+_POD = ServerLimits()
+_JWT = RateLimit(10.0, 20)
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,115 @@ class Settings:
     log_format: str = "text"
     metrics_addr: str = ""
     selinux_context: str = ""
+    pod_socket: ServerLimits = field(default_factory=ServerLimits)
+    """Limits of every pod's socket (Workload API and SDS): its clients are untrusted."""
+    pod_socket_jwt: RateLimit = field(default_factory=lambda: _JWT)
+    """FetchJWTSVID and ValidateJWTSVID per pod and method."""
+    keep_set_aside: int = 32
+
+
+def _shown(value: float) -> str:
+    """A default as the flag would be written: ``1048576``, ``5``, ``0.5``."""
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+@dataclass(frozen=True)
+class _Limit:
+    """A ``--pod-socket-*`` flag: the :class:`ServerLimits` field it sets and its type."""
+
+    flag: str
+    field: str
+    kind: type[int] | type[float]
+    help: str
+
+
+_POD_LIMITS = (
+    _Limit(
+        "max-connections",
+        "max_connections",
+        int,
+        "open connections per pod socket; more are closed at once",
+    ),
+    _Limit(
+        "max-streams",
+        "max_concurrent_streams",
+        int,
+        "concurrent streams per connection; more are refused (REFUSED_STREAM)",
+    ),
+    _Limit(
+        "max-request-bytes",
+        "max_request_bytes",
+        int,
+        "largest request message, after decompression; larger fail RESOURCE_EXHAUSTED",
+    ),
+    _Limit(
+        "max-header-bytes",
+        "max_header_list_bytes",
+        int,
+        "largest HTTP/2 header block; larger close the connection",
+    ),
+    _Limit(
+        "max-continuation-frames",
+        "max_continuation_frames",
+        int,
+        "CONTINUATION frames in one header block; more close the connection",
+    ),
+    _Limit(
+        "max-frame-bytes",
+        "max_frame_bytes",
+        int,
+        "largest HTTP/2 frame (16384-16777215); larger close the connection",
+    ),
+    _Limit("stream-window-bytes", "stream_window", int, "HTTP/2 receive window of one stream"),
+    _Limit(
+        "connection-window-bytes",
+        "connection_window",
+        int,
+        "HTTP/2 receive window of one connection",
+    ),
+    _Limit(
+        "handshake-timeout",
+        "handshake_timeout",
+        float,
+        "seconds a new connection has to send the HTTP/2 preface and SETTINGS",
+    ),
+    _Limit(
+        "idle-timeout",
+        "idle_timeout",
+        float,
+        "seconds a connection may stay without a stream before it is closed (0: never)",
+    ),
+    _Limit(
+        "max-queued-bytes",
+        "max_send_queue_bytes",
+        int,
+        "bytes queued for a client that does not read; beyond, the connection is closed",
+    ),
+    _Limit(
+        "control-frames-per-second",
+        "control_frames_per_second",
+        float,
+        "PING, SETTINGS, RST_STREAM and other control frames per connection and second, on average",
+    ),
+    _Limit(
+        "control-frame-burst",
+        "control_frame_burst",
+        int,
+        "control frames per connection at once; beyond the budget: GOAWAY ENHANCE_YOUR_CALM",
+    ),
+    _Limit(
+        "streams-per-second",
+        "new_streams_per_second",
+        float,
+        "new streams per connection and second, on average (rapid reset)",
+    ),
+    _Limit(
+        "stream-burst",
+        "new_stream_burst",
+        int,
+        "new streams per connection at once; beyond the budget: GOAWAY ENHANCE_YOUR_CALM",
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -96,6 +213,31 @@ _FLAGS = (
         "SELinux context for the volume mounts so containers can read them on enforcing "
         "nodes (e.g. system_u:object_r:container_file_t:s0); empty leaves it unset",
         "",
+    ),
+    *(
+        _Flag(
+            "pod-socket-" + limit.flag,
+            limit.help + " (per-pod socket: Workload API and SDS)",
+            _shown(getattr(_POD, limit.field)),
+        )
+        for limit in _POD_LIMITS
+    ),
+    _Flag(
+        "pod-socket-jwt-per-second",
+        "FetchJWTSVID and ValidateJWTSVID calls per pod, method and second, on average; "
+        "beyond the burst they answer UNAVAILABLE",
+        _shown(_JWT.per_second),
+    ),
+    _Flag(
+        "pod-socket-jwt-burst",
+        "FetchJWTSVID or ValidateJWTSVID calls per pod at once",
+        str(_JWT.burst),
+    ),
+    _Flag(
+        "keep-set-aside",
+        "volume folders set aside (corrupt or unresumable; keys deleted) kept for inspection; "
+        "older ones are deleted",
+        "32",
     ),
 )
 
@@ -242,6 +384,26 @@ def _validate(v: _Values) -> Settings:
         csi_socket = _csi_socket_path(v["csi-endpoint"])
     except ValueError as exc:
         raise v.error("csi-endpoint", str(exc)) from None
+    limits: dict[str, int | float] = {}
+    for limit in _POD_LIMITS:
+        name = "pod-socket-" + limit.flag
+        limits[limit.field] = _number(v, name, limit.kind, allow_zero=limit.field == "idle_timeout")
+    if limits["idle_timeout"] == 0:
+        del limits["idle_timeout"]
+        limits_idle: float | None = None
+    else:
+        limits_idle = limits.pop("idle_timeout")
+    try:
+        pod_socket = ServerLimits(**limits, idle_timeout=limits_idle)  # type: ignore[arg-type]
+    except ValueError as exc:  # "ServerLimits.<field> must be ..."
+        where, _, problem = str(exc).partition(" ")
+        field_name = where.rpartition(".")[2]
+        flag = next(lim.flag for lim in _POD_LIMITS if lim.field == field_name)
+        raise v.error("pod-socket-" + flag, problem) from None
+    jwt = RateLimit(
+        _number(v, "pod-socket-jwt-per-second", float), int(_number(v, "pod-socket-jwt-burst", int))
+    )
+    keep = int(_number(v, "keep-set-aside", int, allow_zero=True))
     return Settings(
         csi_socket=csi_socket,
         admin_socket=Path(v["admin-socket"]),
@@ -254,7 +416,24 @@ def _validate(v: _Values) -> Settings:
         log_format=v["log-format"],
         metrics_addr=v["metrics-addr"],
         selinux_context=v["selinux-context"],
+        pod_socket=pod_socket,
+        pod_socket_jwt=jwt,
+        keep_set_aside=keep,
     )
+
+
+def _number(
+    v: _Values, name: str, kind: type[int] | type[float], *, allow_zero: bool = False
+) -> float:
+    """A positive finite number (zero too with ``allow_zero``) or a one-line ConfigError."""
+    try:
+        value = kind(v[name])
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise v.error(name, f"give {what}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise v.error(name, "must be 0 or more" if allow_zero else "must be more than 0")
+    return value
 
 
 def parse_serve(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Settings:

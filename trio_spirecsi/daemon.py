@@ -109,7 +109,12 @@ async def _serve(
                 publish_timeout=settings.publish_timeout,
                 selinux_context=settings.selinux_context or None,
                 socket_server=functools.partial(
-                    serve_volume_socket, agent=agent, on_error=count_error
+                    serve_volume_socket,
+                    agent=agent,
+                    limits=settings.pod_socket,
+                    jwt_limit=settings.pod_socket_jwt,
+                    on_error=count_error,
+                    metrics=metrics,
                 ),
             )
             await nursery.start(registry.run)
@@ -173,7 +178,7 @@ def _reason(exc: OSError) -> str:
 
 def _open_store(settings: Settings) -> MetadataStore:
     try:
-        return MetadataStore(settings.state_dir)
+        return MetadataStore(settings.state_dir, keep_corrupt=settings.keep_set_aside)
     except OSError as exc:
         raise StartupError(
             f"--state-dir {str(settings.state_dir)!r}: cannot create or use it "

@@ -44,6 +44,9 @@ PUBLISH_OUTCOMES = (
 )
 """Values of the ``outcome`` label of the publish duration histogram."""
 
+SDS_RESOURCES = ("tls_certificate", "validation_context")
+"""Values of the ``resource`` label of ``sds_resources_sent_total``."""
+
 PUBLISH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
 
 PUBLISH_PHASES = ("validate", "metadata", "subscribe", "first_svid", "render", "write", "mount")
@@ -121,6 +124,24 @@ class Metrics:
             f"{PREFIX}_errors_total",
             "Errors by kind (see docs/operations.md).",
             ["kind"],
+            registry=r,
+        )
+        self.sds_streams_open = Gauge(
+            f"{PREFIX}_sds_streams_open",
+            "Envoy SDS StreamSecrets streams open on the pods' sockets.",
+            registry=r,
+        )
+        self.sds_resources_sent_total = Counter(
+            f"{PREFIX}_sds_resources_sent_total",
+            "Secrets sent to Envoy over SDS, by resource kind.",
+            ["resource"],
+            registry=r,
+        )
+        for resource in SDS_RESOURCES:
+            self.sds_resources_sent_total.labels(resource=resource)
+        self.sds_nacks_total = Counter(
+            f"{PREFIX}_sds_nacks_total",
+            "SDS responses Envoy rejected (NACK); never answered with a resend.",
             registry=r,
         )
         self._expiry_source: ExpirySource = _no_volumes

@@ -14,6 +14,7 @@ from ..errors import InvalidArgument, PublishFailed, SpireCSIError
 from ..grpc import Server, ServerContext, methods
 from ..metrics import PUBLISH_PHASES, Metrics
 from ..storage.metadata import MetadataError
+from ..storage.paths import check_target_path
 from ..volumes.registry import PublishRequest, Registry
 from ..volumes.trace import PublishTrace
 from .status import handler, internal_error
@@ -42,7 +43,6 @@ class NodeService:
         self._registry = registry
         self._node_id = node_id
         self._kubelet_dir = kubelet_dir
-        self._kubelet_real = os.path.realpath(kubelet_dir)
         self._metrics = metrics
         self._phase_seconds = {p: metrics.publish_phase.labels(phase=p) for p in PUBLISH_PHASES}
 
@@ -63,8 +63,7 @@ class NodeService:
 
     def validate_publish(self, request: csi.NodePublishVolumeRequest) -> PublishRequest:
         volume_id = _required(request.volume_id, "volume_id")
-        # Lexically here; the registry then checks every component on disk (open_target).
-        target = self._target(request.target_path, "target_path", resolve=False)
+        target = self._target(request.target_path, "target_path")
         if not request.HasField("volume_capability"):
             raise InvalidArgument("volume_capability", "is required")
         capability = request.volume_capability
@@ -195,31 +194,10 @@ class NodeService:
 
     # Validation ----------------------------------------------------------
 
-    def _target(self, value: str, field: str, *, resolve: bool = True) -> Path:
-        """An absolute path inside --kubelet-dir: its real location with ``resolve``, else
-        as written (for a caller that then walks it without following symlinks)."""
-        path = _required(value, field)
-        if not os.path.isabs(path) or ".." in path.split("/") or "\0" in path:
-            raise InvalidArgument(
-                field, f"{path!r} must be an absolute path without '..' or NUL characters"
-            )
-        if resolve:
-            root = os.path.realpath(self._kubelet_dir)
-            real = os.path.realpath(path)
-            inside = os.path.commonpath([root, real]) == root and real != root
-        else:
-            normal = os.path.normpath(path)
-            inside = any(
-                os.path.commonpath([root, normal]) == root and normal != root
-                for root in (os.path.abspath(self._kubelet_dir), self._kubelet_real)
-            )
-        if not inside:
-            raise InvalidArgument(
-                field,
-                f"{path!r} is outside the kubelet folder {self._kubelet_dir} (--kubelet-dir); "
-                "set --kubelet-dir to the kubelet's root folder",
-            )
-        return Path(os.path.normpath(path))
+    def _target(self, value: str, field: str) -> Path:
+        """An absolute path below --kubelet-dir, as written; the registry walks it without
+        following symlinks before it mounts or unmounts anything."""
+        return check_target_path(self._kubelet_dir, _required(value, field), field=field)
 
 
 def _required(value: str, field: str) -> str:

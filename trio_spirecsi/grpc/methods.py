@@ -12,6 +12,7 @@ from typing import Generic, TypeVar
 from google.protobuf.message import Message
 
 from .._proto.csi.v1 import csi_pb2 as csi
+from .._proto.envoy.service.discovery.v3 import discovery_pb2 as discovery
 from .._proto.spiffe.workload import workload_pb2 as wl
 from .._proto.spire.api.agent.delegatedidentity.v1 import delegatedidentity_pb2 as di
 
@@ -100,4 +101,11 @@ FETCH_JWT_SVID = _unary(_W + "FetchJWTSVID", wl.JWTSVIDRequest, wl.JWTSVIDRespon
 FETCH_JWT_BUNDLES = _stream(_W + "FetchJWTBundles", wl.JWTBundlesRequest, wl.JWTBundlesResponse)
 VALIDATE_JWT_SVID = _unary(
     _W + "ValidateJWTSVID", wl.ValidateJWTSVIDRequest, wl.ValidateJWTSVIDResponse
+)
+
+_S = "/envoy.service.secret.v3.SecretDiscoveryService/"
+STREAM_SECRETS = bidi(_S + "StreamSecrets", discovery.DiscoveryRequest, discovery.DiscoveryResponse)
+FETCH_SECRETS = _unary(_S + "FetchSecrets", discovery.DiscoveryRequest, discovery.DiscoveryResponse)
+DELTA_SECRETS = bidi(
+    _S + "DeltaSecrets", discovery.DeltaDiscoveryRequest, discovery.DeltaDiscoveryResponse
 )

@@ -514,6 +514,17 @@ class MetadataStore:
                 shutil.rmtree(path)
             self._sync_dir(self.state_dir)
 
+    def removal_blocker(self, volume_id: str, *, target: Path | None = None) -> str | None:
+        """Why the volume's folder could not be removed once its mount at ``target`` is gone
+        (a mount inside it, its data mounted elsewhere), or None. Lets unpublish refuse
+        before it stops or unmounts anything, instead of failing halfway."""
+        folder = self.volume_dir(volume_id)
+        if not folder.is_dir():
+            return None
+        expected = Path(os.path.realpath(target)) if target is not None else None
+        busy = _mounted_from(folder, expected)
+        return f"cannot remove {folder}: {busy}" if busy is not None else None
+
     def _child(self, path: Path) -> Path:
         path = Path(os.path.abspath(path))
         if path.parent != self.state_dir or path.name in (CORRUPT_DIR, "..", "."):
@@ -627,14 +638,15 @@ def _bound_elsewhere(folder: Path, table: Sequence[MountInfo]) -> list[Path]:
     ]
 
 
-def _mounted_from(folder: Path) -> str | None:
+def _mounted_from(folder: Path, expected: Path | None = None) -> str | None:
     """Why ``folder`` must not be deleted: a mount inside it, or a bind mount of a folder
-    inside it elsewhere. None when it is safe."""
+    inside it elsewhere (other than at ``expected``, the target about to be unmounted). None
+    when it is safe."""
     table = mount_table()
     inside = _mounts_inside(folder, table)
     if inside:
         return f"{inside[0]} is a mount point"
-    elsewhere = _bound_elsewhere(folder, table)
+    elsewhere = [p for p in _bound_elsewhere(folder, table) if p != expected]
     if elsewhere:
         return f"it is mounted at {elsewhere[0]}"
     return None

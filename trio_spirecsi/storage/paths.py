@@ -309,6 +309,36 @@ class TargetDir:
         return f"TargetDir({str(self.path)!r}, {state})"
 
 
+def check_target_path(
+    kubelet_dir: Path | str, path: Path | str, *, field: str = "target_path"
+) -> Path:
+    """The target path as written, if it is absolute, has no ``..`` or NUL and names a
+    folder below the kubelet folder; InvalidArgument for ``field`` otherwise. Only the
+    spelling is checked here (cheap, for every kubelet call); :func:`open_target` then walks
+    the folders without following symlinks before anything is mounted."""
+    return _checked(Path(kubelet_dir), path, field)[0]
+
+
+def _checked(
+    kubelet_dir: Path, path: Path | str, field: str
+) -> tuple[Path, int, tuple[str, ...], tuple[str, ...]]:
+    """(the path, how many components name the kubelet folder, the rest, all components)."""
+    try:
+        parts = split_absolute(path)
+    except ValueError as exc:
+        raise InvalidArgument(field, str(exc)) from None
+    shown = "/" + "/".join(parts)
+    found = _below(kubelet_dir, parts)
+    if found is None:
+        raise InvalidArgument(
+            field,
+            f"{shown!r} is outside the kubelet folder {kubelet_dir} (--kubelet-dir); "
+            "set --kubelet-dir to the kubelet's root folder",
+        )
+    skipped, rest = found
+    return Path(shown), skipped, rest, parts
+
+
 def open_target(
     kubelet_dir: Path | str, path: Path | str, *, field: str = "target_path"
 ) -> TargetDir:
@@ -322,20 +352,9 @@ def open_target(
     ``--kubelet-dir`` are the operator's); the target may name it by that spelling or by its
     real path. System failures (EMFILE, EACCES) raise StorageError.
     """
-    try:
-        parts = split_absolute(path)
-    except ValueError as exc:
-        raise InvalidArgument(field, str(exc)) from None
-    shown = "/" + "/".join(parts)
     kubelet_dir = Path(kubelet_dir)
-    found = _below(kubelet_dir, parts)
-    if found is None:
-        raise InvalidArgument(
-            field,
-            f"{shown!r} is outside the kubelet folder {kubelet_dir} (--kubelet-dir); "
-            "set --kubelet-dir to the kubelet's root folder",
-        )
-    skipped, rest = found
+    checked, skipped, rest, parts = _checked(kubelet_dir, path, field)
+    shown = str(checked)
     try:
         root_fd = os.open(kubelet_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
@@ -375,6 +394,7 @@ __all__ = [
     "PathRefused",
     "TargetDir",
     "TargetParentMissing",
+    "check_target_path",
     "open_target",
     "split_absolute",
     "walk",

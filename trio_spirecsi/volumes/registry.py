@@ -12,6 +12,7 @@ Nothing one volume does can stop the registry: a volume's tasks contain their ow
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -28,6 +29,7 @@ from ..errors import AlreadyExists, InvalidArgument, NotFound, PublishFailed, Sp
 from ..metrics import Metrics
 from ..spire.backoff import AGENT_RETRY, BackoffPolicy
 from ..spire.selectors import selectors_for
+from ..storage.errors import StorageError
 from ..storage.metadata import MetadataError, MetadataStore, VolumeMetadata
 from ..storage.mount import Mounter
 from ..storage.paths import TargetParentMissing, open_target
@@ -91,6 +93,9 @@ def publish_failure(state: VolumeState, waited: str, *, agent_ready: bool) -> Pu
     """
     problem = state.problem
     kind = problem.kind if problem is not None else None
+    if state.written is not None and not state.ready:
+        reason = problem.message if problem is not None else "it does not accept connections yet"
+        return PublishFailed("internal", f"the pod's socket is not ready {waited}: {reason}")
     if kind is ProblemKind.DENIED:
         assert problem is not None
         return PublishFailed("permission_denied", problem.message)
@@ -335,7 +340,7 @@ class Registry:
                     with trio.move_on_after(self._publish_timeout):
                         await entry.volume.state.wait_value(_settled)
                     state = entry.volume.state.value
-                    if state.written is None:
+                    if not state.ready:
                         raise publish_failure(
                             state,
                             f"within {self._publish_timeout:g}s",
@@ -371,9 +376,18 @@ class Registry:
                 self._mounter.bind_readonly(volume.plan.data_dir, target)
 
     async def unpublish(self, volume_id: str, target_path: Path) -> None:
-        """Idempotent: succeeds for unknown volumes, unmounted targets and missing metadata."""
+        """Idempotent: succeeds for unknown volumes, unmounted targets and missing metadata.
+
+        All or nothing: when the volume's folder could not be removed afterwards (its data
+        mounted somewhere else, a mount inside it), StorageError is raised before anything
+        is stopped or unmounted, and the kubelet's retry finds the volume as it was.
+        """
         async with self._locked(volume_id):
             known = self._entries.get(volume_id)
+            published_at = known.target if known is not None else target_path
+            blocker = self._store.removal_blocker(volume_id, target=published_at)
+            if blocker is not None:
+                raise StorageError(errno.EBUSY, blocker)
             if known is not None and known.target != target_path:
                 log.event(
                     logger,

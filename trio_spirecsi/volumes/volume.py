@@ -231,6 +231,9 @@ class VolumeState:
     phase: Phase
     problem: Problem | None = None
     written: Written | None = None
+    serving: bool | None = None
+    """The per-pod socket accepts connections (True) or not yet (False); None when the
+    volume has none."""
 
     @property
     def entitled(self) -> bool:
@@ -238,11 +241,15 @@ class VolumeState:
         return self.problem is None or self.problem.kind is not ProblemKind.ENTITLEMENT_LOST
 
     @property
+    def ready(self) -> bool:
+        """What the pod needs is there: its files and, when it asked for one, its socket
+        (which must accept before the pod's containers start: Istio's proxy checks it)."""
+        return self.written is not None and self.serving is not False
+
+    @property
     def settled(self) -> bool:
-        """Publish can stop waiting: the files are written, or the agent refuses the driver."""
-        return self.written is not None or (
-            self.problem is not None and self.problem.kind is ProblemKind.DENIED
-        )
+        """Publish can stop waiting: the volume is ready, or the agent refuses the driver."""
+        return self.ready or (self.problem is not None and self.problem.kind is ProblemKind.DENIED)
 
     def condition(self, now: float) -> tuple[bool, str]:
         """(abnormal, message) for NodeGetVolumeStats' VOLUME_CONDITION at ``now``."""
@@ -266,9 +273,6 @@ class VolumeState:
         return False, f"SVID {written.spiffe_id} valid until {_utc(written.expires_at)}"
 
 
-_STARTING = VolumeState(Phase.STARTING)
-
-
 class Volume:
     """One published volume's tasks and state; see the module docstring."""
 
@@ -281,6 +285,7 @@ class Volume:
         "_problems",
         "_retry",
         "_rewrites",
+        "_serving",
         "_socket_server",
         "_written_digest",
         "cancel_scope",
@@ -311,7 +316,12 @@ class Volume:
         self._socket_server = socket_server
         self.cancel_scope = trio.CancelScope()
         self.finished = trio.Event()
-        self.state: Watched[VolumeState] = Watched(_STARTING)
+        self._serving: bool | None = (
+            False if plan.spec.workload_api and socket_server is not None else None
+        )
+        self.state: Watched[VolumeState] = Watched(
+            VolumeState(Phase.STARTING, serving=self._serving)
+        )
         self.x509: Watched[X509Update | None] = Watched(None)
         """The agent's latest SVID set for this pod (all SVIDs, before selection)."""
         self._jwt: dict[tuple[str, ...], JwtSvid] = {}
@@ -344,7 +354,7 @@ class Volume:
                     # In this task: the subscription starts now, not at the next turn.
                     await self._supervise("svid", self._svid_loop)
         finally:
-            self.state.value = VolumeState(Phase.STOPPED, None, self.state.value.written)
+            self.state.value = VolumeState(Phase.STOPPED, None, self.state.value.written, None)
             self.finished.set()
 
     async def stop(self) -> None:
@@ -386,10 +396,13 @@ class Volume:
             log.event(logger, logging.ERROR, "volume_task_failed", error=detail, **fields)
         else:
             log.bug(logger, "volume_task_failed", first, error=detail, **fields)
+        if task == "socket":
+            self._serving = False
         what = "serve the per-pod socket" if kind is ProblemKind.SOCKET else f"run its {task} task"
         self._report(task, Problem(kind, f"the driver could not {what}: {detail}; retrying"))
 
     def _served(self) -> None:
+        self._serving = True
         self._report("socket", None)
         log.event(
             logger,
@@ -581,7 +594,7 @@ class Volume:
             phase = Phase.STARTING
         else:
             phase = Phase.CURRENT if worst is None else Phase.DEGRADED
-        self.state.value = VolumeState(phase, worst, written)
+        self.state.value = VolumeState(phase, worst, written, self._serving)
         if problem is not None and problem != before:
             log.event(
                 logger,
@@ -592,6 +605,10 @@ class Volume:
                 problem=problem.kind.value,
                 reason=problem.message,
             )
+
+    def now(self) -> float:
+        """The wall clock the volume uses (unix seconds; injected in tests)."""
+        return self._now()
 
     def condition(self, now: float | None = None) -> tuple[bool, str]:
         """(abnormal, message) for VOLUME_CONDITION, now."""
