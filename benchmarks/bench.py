@@ -1,17 +1,38 @@
 """``just bench``: the driver's design targets, measured (not asserted).
 
-The driver runs as its own process (so its memory and CPU are its own), the
-dev agent and a kubelet-like client run in this process. Prints a table.
+The driver runs as its own process (so its memory and CPU are its own), the dev agent and a
+kubelet-like client run in this process, state folders on a private tmpfs as in production.
+Beside it runs a minimal driver on grpcio's C-core with threads (:mod:`.ccore_driver`) on the
+same agent: sequential publishes alternate between the two (ours, theirs, ours, ...) so that
+both see the same machine at the same moment, and the table shows both with their ratio.
+Absolute times drift on a shared machine; compare within one run. Prints a table.
 
-    python -m benchmarks.bench [--volumes 1000] [--publishes 500]
+    python -m benchmarks.bench [--volumes 1000] [--publishes 500] [--storm-publishes 200]
+                               [--profile OUT.prof | --loop-stats OUT.json] [--driver-path DIR]
+
+``--profile`` runs the driver under cProfile during the sequential publishes only (its
+latency is then not comparable); read the result with ``python -m pstats OUT.prof``.
+``--loop-stats`` times the driver's event loop (scheduler turns, long task steps, garbage
+collection pauses) during the sequential publishes and during the rotation storm
+(:mod:`.loopstats`), and prints what it saw.
+``--driver-path`` runs every process the bench starts (the driver, the C-core driver, the
+CLI) on the ``trio_spirecsi`` package found in DIR, e.g. an earlier commit's
+(``git archive <commit> trio_spirecsi | tar -x -C DIR``), to compare before and after in
+one session with the same agent and client.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+import math
 import os
 import platform
+import pstats
+import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -19,19 +40,25 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import trio
 
+from trio_spirecsi._proto.spire.api.agent.delegatedidentity.v1 import delegatedidentity_pb2 as di
 from trio_spirecsi.csi.client import CSIClient, Pod, publish_request, volume_context
 from trio_spirecsi.devagent.agent import DevAgent
-from trio_spirecsi.grpc import open_channel
+from trio_spirecsi.grpc import RpcError, ServerContext, StreamSender, open_channel
+from trio_spirecsi.metrics import PUBLISH_PHASES
 
 from .workload_api import workload_api_latency
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
+ROTATIONS = "trio_spirecsi_svid_rotations_total"
+CHECKOUT = Path(__file__).resolve().parent.parent
+_SAMPLE = re.compile(r'^([a-z_]+)(?:\{([a-z_]+)="([^"]*)"\})? (\S+)$')
 
 
 def _free_port() -> int:
@@ -52,68 +79,227 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def p50_p99(seconds: Sequence[float]) -> tuple[float, float]:
+    """Median and 99th percentile (nearest rank), in milliseconds."""
+    ordered = sorted(seconds)
+    rank = max(math.ceil(len(ordered) * 0.99) - 1, 0)
+    return statistics.median(ordered) * 1000, ordered[rank] * 1000
+
+
+def _ms(seconds: Sequence[float]) -> str:
+    p50, p99 = p50_p99(seconds)
+    return f"{p50:.1f} ms / {p99:.1f} ms"
+
+
+class TimedDevAgent(DevAgent):
+    """The dev agent, timing its own answer to every SubscribeToX509SVIDs: from the moment
+    its handler starts to the first response handed to its connection."""
+
+    def __init__(self, trust_domain: str, *, svid_ttl: int) -> None:
+        super().__init__(trust_domain, svid_ttl=svid_ttl)
+        self.answer_seconds: list[float] = []
+
+    async def _subscribe_x509_svids(
+        self,
+        request: di.SubscribeToX509SVIDsRequest,
+        context: ServerContext,
+        send: StreamSender[di.SubscribeToX509SVIDsResponse],
+    ) -> None:
+        started = time.perf_counter()
+        answered = False
+
+        async def timed(response: di.SubscribeToX509SVIDsResponse) -> None:
+            nonlocal answered
+            await send(response)
+            if not answered:
+                answered = True
+                self.answer_seconds.append(time.perf_counter() - started)
+
+        await super()._subscribe_x509_svids(request, context, timed)
+
+
+async def wait_accepting(path: Path, timeout: float = 60) -> None:
+    """Until a unix socket at ``path`` accepts a connection."""
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                stream = await trio.open_unix_socket(str(path))
+            except OSError:
+                await trio.sleep(0.002)
+                continue
+            await stream.aclose()
+            return
+
+
+def _cli() -> list[str]:
+    """The ``trio-spirecsi`` command as installed (what a probe would run)."""
+    script = Path(sys.executable).parent / "trio-spirecsi"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "trio_spirecsi.cli"]
+
+
+async def command_seconds(bench: Bench, argv: list[str], runs: int = 5) -> float:
+    """Median wall time of ``argv`` from process start to exit (it must succeed)."""
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        done = await trio.to_thread.run_sync(
+            lambda: subprocess.run(argv, capture_output=True, check=False, **bench.where())
+        )
+        times.append(time.perf_counter() - started)
+        if done.returncode != 0:
+            raise RuntimeError(f"{argv} failed: {done.stderr.decode()}")
+    return statistics.median(times)
+
+
 class Bench:
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self,
+        root: Path,
+        launcher: tuple[str, Path] | None,
+        driver_path: Path | None,
+    ) -> None:
         self.root = root
         self.admin = root / "admin.sock"
         self.csi = root / "csi.sock"
         self.state = root / "state"
         self.kubelet = root / "kubelet"
         self.kubelet.mkdir()
-        self.agent = DevAgent("example.org", svid_ttl=3600)
+        self.agent = TimedDevAgent("example.org", svid_ttl=3600)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.ccore: subprocess.Popen[bytes] | None = None
         self.volumes: list[tuple[str, Path]] = []
         self.rows: list[tuple[str, str]] = []
         self.metrics_port = _free_port()
+        self.launcher = launcher
+        """(module, output file) that runs the driver under a profiler or loop timer."""
+        self.driver_path = driver_path
 
-    async def counter(self, name: str) -> float:
-        """A counter from the driver's /metrics (cheap to poll, unlike reading every file)."""
+    def where(self, *, benchmarks: bool = False) -> dict[str, Any]:
+        """``cwd`` and ``env`` for a process the bench starts (``benchmarks``: it runs a
+        module of this folder), so that it imports ``trio_spirecsi`` from --driver-path."""
+        if self.driver_path is None:
+            return {}
+        path = [str(self.driver_path), *([str(CHECKOUT)] if benchmarks else [])]
+        return {"cwd": self.root, "env": dict(os.environ, PYTHONPATH=":".join(path))}
+
+    async def scrape(self) -> dict[str, float]:
+        """The driver's /metrics: ``name`` or ``name{label}`` (the value of the one label) ->
+        value."""
         stream = await trio.open_tcp_stream("127.0.0.1", self.metrics_port)
         async with stream:
             await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
             body = b""
             while chunk := await stream.receive_some(65536):
                 body += chunk
+        samples = {}
         for line in body.decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise LookupError(name)
+            match = _SAMPLE.match(line)
+            if match:
+                name, _, label, value = match.groups()
+                samples[f"{name}{{{label}}}" if label is not None else name] = float(value)
+        return samples
 
-    def start_driver(self) -> subprocess.Popen[bytes]:
+    async def counter(self, name: str) -> float:
+        """A counter from the driver's /metrics (cheap to poll, unlike reading every file)."""
+        return (await self.scrape())[name]
+
+    def driver_argv(self) -> list[str]:
         argv = [sys.executable, "-m", "trio_spirecsi.cli", "serve"]
+        if self.launcher is not None:
+            argv = [sys.executable, "-m", self.launcher[0], str(self.launcher[1]), "serve"]
         argv += ["--csi-endpoint", f"unix://{self.csi}", "--admin-socket", str(self.admin)]
         argv += ["--node-id", "bench", "--state-dir", str(self.state)]
         argv += ["--kubelet-dir", str(self.kubelet), "--log-level", "warning"]
         argv += ["--metrics-addr", f"127.0.0.1:{self.metrics_port}"]
-        # The per-pod JWT rate limit (10/s) would measure the limit, not the latency.
-        argv += ["--pod-socket-jwt-per-second", "100000", "--pod-socket-jwt-burst", "100000"]
-        self.proc = subprocess.Popen(argv)
-        return self.proc
+        if self.jwt_flags:
+            # The per-pod JWT rate limit (10/s) would measure the limit, not the latency.
+            argv += ["--pod-socket-jwt-per-second", "100000", "--pod-socket-jwt-burst", "100000"]
+        return argv
 
-    async def wait_socket(self) -> None:
-        with trio.fail_after(60):
-            while not self.csi.exists():
-                await trio.sleep(0.01)
+    @functools.cached_property
+    def jwt_flags(self) -> bool:
+        """Whether the driver has the per-pod JWT rate flags (an earlier commit's may not)."""
+        argv = [sys.executable, "-m", "trio_spirecsi.cli", "serve", "--help"]
+        shown = subprocess.run(argv, capture_output=True, text=True, check=False, **self.where())
+        return "--pod-socket-jwt-per-second" in shown.stdout
+
+    async def start_driver(self) -> float:
+        """Start the driver; seconds from process start to its CSI socket accepting."""
+        started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            self.driver_argv(), **self.where(benchmarks=self.launcher is not None)
+        )
+        await wait_accepting(self.csi)
+        return time.perf_counter() - started
+
+    def stop(self, proc: subprocess.Popen[bytes] | None) -> None:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            proc.wait()
+
+    async def start_ccore(self) -> Path:
+        sock = self.root / "ccore.sock"
+        argv = [sys.executable, "-m", "benchmarks.ccore_driver", "--csi-socket", str(sock)]
+        argv += ["--admin-socket", str(self.admin), "--state-dir", str(self.root / "ccore")]
+        argv += ["--kubelet-dir", str(self.kubelet), "--node-id", "bench"]
+        argv += ["--stats", str(self.root / "ccore-stats.json")]
+        self.ccore = subprocess.Popen(argv, **self.where(benchmarks=True))
+        await wait_accepting(sock)
+        return sock
 
     def target(self, pod: Pod) -> Path:
         parent = self.kubelet / "pods" / pod.uid / "volumes" / "kubernetes.io~csi" / "spiffe"
         parent.mkdir(parents=True)
         return parent / "mount"
 
-    async def publish(self, client: CSIClient) -> float:
-        pod = Pod(f"web-{len(self.volumes)}", "bench", str(uuid.uuid4()), "web")
+    async def publish(self, client: CSIClient, into: list[tuple[str, Path]] | None = None) -> float:
+        into = self.volumes if into is None else into
+        pod = Pod(f"web-{uuid.uuid4().hex[:8]}", "bench", str(uuid.uuid4()), "web")
         volume_id = f"csi-{uuid.uuid4().hex}"
         target = self.target(pod)
         request = publish_request(volume_id, str(target), volume_context(pod))
         started = time.perf_counter()
         await client.publish(request)
         elapsed = time.perf_counter() - started
-        self.volumes.append((volume_id, target))
+        into.append((volume_id, target))
         return elapsed
 
     def row(self, name: str, value: str) -> None:
         self.rows.append((name, value))
-        print(f"  {name:<52} {value}", flush=True)
+        print(f"  {name:<60} {value}", flush=True)
+
+    def start_watching(self) -> None:
+        """Switch the driver's profiler or loop timer on (see --profile, --loop-stats)."""
+        if self.launcher is not None and self.proc is not None:
+            self.proc.send_signal(signal.SIGUSR1)
+
+    async def stop_watching(self, what: str) -> None:
+        """Switch it off; with --loop-stats, print what the loop did during ``what``."""
+        if self.launcher is None or self.proc is None:
+            return
+        module, out = self.launcher
+        lines = out.read_text().count("\n") if out.exists() else 0
+        self.proc.send_signal(signal.SIGUSR2)
+        if module != "benchmarks.loopstats":
+            return
+        with trio.fail_after(10):
+            while not out.exists() or out.read_text().count("\n") == lines:
+                await trio.sleep(0.05)
+        stats = json.loads(out.read_text().splitlines()[-1])
+        gcs = ", ".join(
+            f"gen{g} {v['pauses']}x max {v['max_ms']:.1f} ms" for g, v in stats["gc"].items()
+        )
+        self.row(
+            f"  event loop during {what}: turns p50 / p99 / max",
+            f"{stats['turn_p50_ms']:.2f} / {stats['turn_p99_ms']:.2f} / "
+            f"{stats['turn_max_ms']:.1f} ms ({stats['turns']} turns)",
+        )
+        longest_ms, longest_task = stats["longest_step"]
+        self.row(
+            f"  event loop during {what}: longest task step, steps over 2 ms",
+            f"{longest_ms:.1f} ms ({longest_task}); {stats['steps_over_2ms']}",
+        )
+        self.row(f"  event loop during {what}: garbage collection", gcs or "none")
 
 
 async def wait_until(check: Callable[[], bool], timeout: float) -> float:
@@ -125,97 +311,238 @@ async def wait_until(check: Callable[[], bool], timeout: float) -> float:
     return time.perf_counter() - started
 
 
-async def run(volumes: int, publishes: int) -> None:
+async def startup_rows(bench: Bench) -> None:
+    """Driver start-up (empty state folder) and the probes' start-up, each a median."""
+    starts = []
+    for _ in range(3):
+        starts.append(await bench.start_driver())
+        bench.stop(bench.proc)
+    bench.row(
+        "driver start-up: process start to CSI socket accepting (median of 3)",
+        f"{statistics.median(starts) * 1000:.0f} ms",
+    )
+
+
+async def probe_rows(bench: Bench) -> None:
+    probe = [*_cli(), "csi", "--endpoint", f"unix://{bench.csi}", "probe"]
+    health = [*_cli(), "healthcheck", "--url", f"http://127.0.0.1:{bench.metrics_port}/healthz"]
+    bench.row(
+        "`trio-spirecsi csi probe`: process start to exit (median of 5)",
+        f"{await command_seconds(bench, probe) * 1000:.0f} ms",
+    )
+    bench.row(
+        "`trio-spirecsi healthcheck`: process start to exit (median of 5)",
+        f"{await command_seconds(bench, health) * 1000:.0f} ms",
+    )
+
+
+async def ccore_handler_seconds(bench: Bench) -> list[float]:
+    """Every publish handler time the C-core driver has recorded so far."""
+    assert bench.ccore is not None
+    stats = bench.root / "ccore-stats.json"
+    stats.unlink(missing_ok=True)
+    bench.ccore.send_signal(signal.SIGUSR1)
+    with trio.fail_after(10):
+        while not stats.exists():
+            await trio.sleep(0.01)
+    seconds: list[float] = json.loads(stats.read_text())["handler_seconds"]
+    return seconds
+
+
+async def compare_rows(bench: Bench, client: CSIClient, ccore: CSIClient, publishes: int) -> None:
+    """Sequential publishes alternating between the driver and the C-core one; then the
+    phases of the driver's publishes."""
+    theirs: list[tuple[str, Path]] = []
+    for _ in range(3):  # warm up both: connections, first calls
+        await bench.publish(ccore, theirs)
+    before = await bench.scrape()
+    answers = len(bench.agent.answer_seconds)
+    ours_s: list[float] = []
+    theirs_s: list[float] = []
+    assert bench.proc is not None and bench.ccore is not None
+    cpu = cpu_seconds(bench.proc.pid), cpu_seconds(bench.ccore.pid)
+    bench.start_watching()
+    for _ in range(publishes):
+        ours_s.append(await bench.publish(client))
+        theirs_s.append(await bench.publish(ccore, theirs))
+    await bench.stop_watching("the sequential publishes")
+    ours_cpu = (cpu_seconds(bench.proc.pid) - cpu[0]) / publishes * 1000
+    theirs_cpu = (cpu_seconds(bench.ccore.pid) - cpu[1]) / publishes * 1000
+    after = await bench.scrape()
+    agent_s = bench.agent.answer_seconds[answers:]
+    theirs_handler = statistics.mean((await ccore_handler_seconds(bench))[-publishes:]) * 1000
+    for volume_id, target in theirs:
+        await ccore.unpublish(volume_id, str(target))
+    (o50, o99), (t50, t99) = p50_p99(ours_s), p50_p99(theirs_s)
+    bench.row(
+        f"publish latency, {publishes} sequential (p50 / p99)", f"{o50:.1f} ms / {o99:.1f} ms"
+    )
+    bench.row(
+        f"C-core driver, {publishes} sequential, alternating (p50 / p99)",
+        f"{t50:.1f} ms / {t99:.1f} ms",
+    )
+    bench.row("ratio trio-spirecsi / C-core (p50 / p99)", f"{o50 / t50:.2f} / {o99 / t99:.2f}")
+    bench.row(
+        "CPU per publish: trio-spirecsi / C-core driver (its own process)",
+        f"{ours_cpu:.2f} ms / {theirs_cpu:.2f} ms",
+    )
+
+    for phase in PUBLISH_PHASES:
+        if f"trio_spirecsi_publish_phase_seconds_sum{{{phase}}}" not in after:
+            bench.row(f"  publish phase: {phase} (mean)", "n/a (the driver does not report it)")
+            continue
+        seconds = mean_ms(before, after, "trio_spirecsi_publish_phase_seconds", phase)
+        bench.row(f"  publish phase: {phase} (mean)", f"{seconds:.2f} ms")
+    p50, _ = p50_p99(agent_s)
+    bench.row("  of first_svid: the dev agent's own answer (p50, both drivers)", f"{p50:.2f} ms")
+    total = mean_ms(before, after, "trio_spirecsi_publish_duration_seconds", "ok")
+    bench.row("  driver's handler in all (mean; phases add up to it)", f"{total:.2f} ms")
+    client_mean = statistics.mean(ours_s) * 1000
+    bench.row(
+        "  outside the handler: gRPC both ends, the client (mean)", f"{client_mean - total:.2f} ms"
+    )
+    theirs_mean = statistics.mean(theirs_s) * 1000
+    bench.row(
+        "  C-core driver: its handler / outside it (mean)",
+        f"{theirs_handler:.2f} ms / {theirs_mean - theirs_handler:.2f} ms",
+    )
+    if bench.launcher is not None and bench.launcher[0] == "benchmarks.profiled":
+        out = bench.launcher[1]
+        print(f"\nprofile of the driver during the sequential publishes: {out}")
+        pstats.Stats(str(out)).sort_stats("tottime").print_stats(25)
+
+
+def mean_ms(before: dict[str, float], after: dict[str, float], name: str, label: str) -> float:
+    """The mean of a histogram's observations between two scrapes, in milliseconds."""
+    count = after[f"{name}_count{{{label}}}"] - before[f"{name}_count{{{label}}}"]
+    spent = after[f"{name}_sum{{{label}}}"] - before[f"{name}_sum{{{label}}}"]
+    return spent / max(count, 1) * 1000
+
+
+async def storm_rows(bench: Bench, client: CSIClient, ccore: CSIClient, publishes: int) -> None:
+    """Sequential publishes while the agent rotates every volume of the driver, again and
+    again, alternating with the C-core driver's (which sees the same agent, as busy)."""
+    stop = trio.Event()
+    rounds = 0
+
+    async def storm() -> None:
+        nonlocal rounds
+        ttl = bench.agent.svid_ttl
+        while not stop.is_set():
+            wanted = await bench.counter(ROTATIONS) + len(bench.volumes)
+            # The driver counts a rotation when notAfter changes; it has a resolution of one
+            # second, and rotations follow each other faster than that.
+            ttl += 1
+            bench.agent.svid_ttl = ttl
+            bench.agent.rotate()
+            with trio.move_on_after(60):
+                while not stop.is_set() and await bench.counter(ROTATIONS) < wanted:
+                    await trio.sleep(0.1)  # a scrape costs the driver a few ms: not too often
+            rounds += 1
+
+    live = len(bench.volumes)
+    latencies: list[float] = []
+    theirs_s: list[float] = []
+    theirs: list[tuple[str, Path]] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(storm)
+        await trio.sleep(0.2)
+        before = await bench.scrape()
+        if bench.launcher is not None and bench.launcher[0] == "benchmarks.loopstats":
+            bench.start_watching()
+        for _ in range(publishes):
+            latencies.append(await bench.publish(client))
+            theirs_s.append(await bench.publish(ccore, theirs))
+        after = await bench.scrape()
+        stop.set()
+    for volume_id, target in theirs:
+        await ccore.unpublish(volume_id, str(target))
+    bench.row(
+        f"publish latency while {live} volumes rotate ({publishes} sequential, p50 / p99)",
+        f"{_ms(latencies)} ({rounds} rotations)",
+    )
+    bench.row("  C-core driver meanwhile, alternating (p50 / p99)", _ms(theirs_s))
+    if "trio_spirecsi_publish_phase_seconds_sum{mount}" in after:
+        phases = [
+            f"{p} {mean_ms(before, after, 'trio_spirecsi_publish_phase_seconds', p):.1f}"
+            for p in PUBLISH_PHASES
+        ]
+        bench.row("  its phases (mean, ms)", ", ".join(phases))
+    if bench.launcher is not None and bench.launcher[0] == "benchmarks.loopstats":
+        await bench.stop_watching("the storm")
+
+
+async def run(
+    volumes: int,
+    publishes: int,
+    storm: int,
+    launcher: tuple[str, Path] | None,
+    driver_path: Path | None,
+) -> None:
     root = Path(tempfile.mkdtemp(prefix="trio-spirecsi-bench-"))
     # The state dir is on tmpfs in production (/run): measure it there, not on /tmp's disk.
     subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", str(root)], check=True)
-    bench = Bench(root)
+    bench = Bench(root, launcher, driver_path)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}"
     )
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(bench.agent.serve, str(bench.admin))
-            proc = bench.start_driver()
-            await bench.wait_socket()
-            async with open_channel(str(bench.csi)) as channel:
+            await startup_rows(bench)
+            await bench.start_driver()
+            assert bench.proc is not None
+            ccore_sock = await bench.start_ccore()
+            async with (
+                open_channel(str(bench.csi)) as channel,
+                open_channel(str(ccore_sock)) as ccore_channel,
+            ):
                 client = CSIClient(channel)
+                ccore = CSIClient(ccore_channel)
+                await probe_rows(bench)
                 # Warm up (imports, first connection), then measure.
                 await bench.publish(client)
-                base_rss = rss_bytes(proc.pid)
-
-                latencies = sorted([await bench.publish(client) for _ in range(publishes)])
-                p50 = statistics.median(latencies) * 1000
-                p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
-                bench.row(
-                    f"publish latency, {publishes} sequential (p50 / p99)",
-                    f"{p50:.1f} ms / {p99:.1f} ms",
-                )
-                rows = await workload_api_latency(
-                    client,
-                    bench.kubelet,
-                    rotate=lambda: bench.agent.rotate("spiffe://example.org/ns/bench/sa/socket"),
-                )
+                base_rss = rss_bytes(bench.proc.pid)
+                await compare_rows(bench, client, ccore, publishes)
+                try:
+                    rows = await workload_api_latency(
+                        client,
+                        bench.kubelet,
+                        rotate=lambda: bench.agent.rotate(
+                            "spiffe://example.org/ns/bench/sa/socket"
+                        ),
+                    )
+                except RpcError as exc:  # an earlier driver: JWT calls limited to 10/s
+                    rows = [("Workload API and SDS", f"n/a ({exc.code.name}: {exc.message})")]
                 for name, value in rows:
                     bench.row(f"per-pod socket: {name}", value)
 
-                while len(bench.volumes) < volumes:
-                    async with trio.open_nursery() as batch:
-                        for _ in range(min(50, volumes - len(bench.volumes))):
-                            batch.start_soon(bench.publish, client)
+                await bulk_rows(bench, client, volumes)
                 live = len(bench.volumes)
                 await trio.sleep(1)
-                per_volume = (rss_bytes(proc.pid) - base_rss) / (live - 1)
+                rss = rss_bytes(bench.proc.pid)
                 bench.row(
                     f"driver RSS per live volume ({live} volumes)",
-                    f"{per_volume / 1024:.1f} KiB (total {rss_bytes(proc.pid) >> 20} MiB)",
+                    f"{(rss - base_rss) / (live - 1) / 1024:.1f} KiB (total {rss >> 20} MiB)",
                 )
 
-                cpu0 = cpu_seconds(proc.pid)
+                cpu0 = cpu_seconds(bench.proc.pid)
                 await trio.sleep(10)
-                idle = (cpu_seconds(proc.pid) - cpu0) / 10 * 100
+                idle = (cpu_seconds(bench.proc.pid) - cpu0) / 10 * 100
                 bench.row(f"driver idle CPU with {live} volumes (10 s)", f"{idle:.2f} % of a core")
 
-                # The driver counts a rotation once the volume's new files are on disk.
-                rotations = "trio_spirecsi_svid_rotations_total"
-                wanted = await bench.counter(rotations) + live
-                started = time.perf_counter()
-                driver_cpu, agent_cpu = cpu_seconds(proc.pid), time.process_time()
-                bench.agent.rotate()
-                with trio.fail_after(600):
-                    while await bench.counter(rotations) < wanted:
-                        await trio.sleep(0.05)
-                took = time.perf_counter() - started
-                driver_cpu = cpu_seconds(proc.pid) - driver_cpu
-                agent_cpu = time.process_time() - agent_cpu
-                sample = bench.state / bench.volumes[-1][0] / "data" / "svid.pem"
-                assert sample.read_bytes(), "files present after the rotation"
-                bench.row(
-                    f"rotation of all {live} volumes landing on disk",
-                    f"{took:.2f} s (CPU: driver {driver_cpu:.1f} s, dev agent {agent_cpu:.1f} s)",
-                )
-
-                proc.kill()
-                proc.wait()
-                await wait_until(lambda: not bench.agent.open_svid_subscriptions, 60)
-                bench.csi.unlink(missing_ok=True)
-                # subscribe_count is a plain counter: cheap to poll, unlike listing the streams.
-                opened = bench.agent.subscribe_count + live
-                restarted = time.perf_counter()
-                proc = bench.start_driver()
-                await wait_until(lambda: bench.agent.subscribe_count >= opened, 300)
-                took = time.perf_counter() - restarted
-                bench.row(f"restart (kill -9) to {live} volumes resubscribed", f"{took:.2f} s")
-                await bench.wait_socket()
-
+                await rotation_row(bench)
+                await storm_rows(bench, client, ccore, storm)
+                bench.stop(bench.ccore)
+                await restart_row(bench)
                 for volume_id, target_path in bench.volumes:
                     await client.unpublish(volume_id, str(target_path))
-            proc.terminate()
-            proc.wait()
+            bench.stop(bench.proc)
             nursery.cancel_scope.cancel()
     finally:
-        if bench.proc and bench.proc.poll() is None:
-            bench.proc.kill()
+        for proc in (bench.proc, bench.ccore):
+            if proc and proc.poll() is None:
+                proc.kill()
         with open("/proc/self/mountinfo") as info:
             points = [line.split()[4] for line in info]
         for point in reversed(points):
@@ -225,17 +552,97 @@ async def run(volumes: int, publishes: int) -> None:
         shutil.rmtree(root, ignore_errors=True)
     print("\n| measure | value |\n|---|---|")
     for name, value in bench.rows:
-        print(f"| {name} | {value} |")
+        print(f"| {name.strip()} | {value} |")
 
 
-def main() -> None:
+async def bulk_rows(bench: Bench, client: CSIClient, volumes: int) -> None:
+    """Publishes 50 at a time up to ``volumes``."""
+    wanted = volumes - len(bench.volumes)
+    if wanted <= 0:
+        return
+    latencies: list[float] = []
+
+    async def one() -> None:
+        latencies.append(await bench.publish(client))
+
+    started = time.perf_counter()
+    while len(bench.volumes) < volumes:
+        async with trio.open_nursery() as batch:
+            for _ in range(min(50, volumes - len(bench.volumes))):
+                batch.start_soon(one)
+    took = time.perf_counter() - started
+    bench.row(
+        f"bulk publishing, {wanted} volumes 50 at a time",
+        f"{wanted / took:.0f} volumes/s (latency p50 / p99: {_ms(latencies)})",
+    )
+
+
+async def rotation_row(bench: Bench) -> None:
+    """The driver counts a rotation once the volume's new files are on disk."""
+    assert bench.proc is not None
+    live = len(bench.volumes)
+    wanted = await bench.counter(ROTATIONS) + live
+    started = time.perf_counter()
+    driver_cpu, agent_cpu = cpu_seconds(bench.proc.pid), time.process_time()
+    bench.agent.rotate()
+    with trio.fail_after(600):
+        while await bench.counter(ROTATIONS) < wanted:
+            await trio.sleep(0.05)
+    took = time.perf_counter() - started
+    driver_cpu = cpu_seconds(bench.proc.pid) - driver_cpu
+    agent_cpu = time.process_time() - agent_cpu
+    sample = bench.state / bench.volumes[-1][0] / "data" / "svid.pem"
+    assert sample.read_bytes(), "files present after the rotation"
+    bench.row(
+        f"rotation of all {live} volumes landing on disk",
+        f"{took:.2f} s (CPU: driver {driver_cpu:.1f} s, dev agent and bench {agent_cpu:.1f} s)",
+    )
+
+
+async def restart_row(bench: Bench) -> None:
+    assert bench.proc is not None
+    live = len(bench.volumes)
+    bench.proc.kill()
+    bench.proc.wait()
+    await wait_until(lambda: not bench.agent.open_svid_subscriptions, 60)
+    bench.csi.unlink(missing_ok=True)
+    # subscribe_count is a plain counter: cheap to poll, unlike listing the streams.
+    opened = bench.agent.subscribe_count + live
+    restarted = time.perf_counter()
+    serving = await bench.start_driver()
+    await wait_until(lambda: bench.agent.subscribe_count >= opened, 300)
+    took = time.perf_counter() - restarted
+    bench.row(
+        f"restart (kill -9) with {live} volumes: CSI socket accepting / all resubscribed",
+        f"{serving:.2f} s / {took:.2f} s",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--volumes", type=int, default=1000)
     parser.add_argument("--publishes", type=int, default=500)
-    args = parser.parse_args()
+    parser.add_argument("--storm-publishes", type=int, default=200)
+    watch = parser.add_mutually_exclusive_group()
+    watch.add_argument("--profile", type=Path, help="profile the driver into this file")
+    watch.add_argument(
+        "--loop-stats", type=Path, help="time the driver's event loop, summaries to this file"
+    )
+    parser.add_argument(
+        "--driver-path", type=Path, help="run the driver from the trio_spirecsi package in DIR"
+    )
+    args = parser.parse_args(argv)
     if os.geteuid() != 0:
         sys.exit("bench: the driver bind-mounts volumes; run as root (just bench)")
-    trio.run(run, max(args.volumes, args.publishes + 1), args.publishes)
+    volumes = max(args.volumes, args.publishes + 2)
+    launcher = None
+    if args.profile:
+        launcher = ("benchmarks.profiled", args.profile.resolve())
+    elif args.loop_stats:
+        launcher = ("benchmarks.loopstats", args.loop_stats.resolve())
+        launcher[1].unlink(missing_ok=True)
+    driver_path = args.driver_path.resolve() if args.driver_path else None
+    trio.run(run, volumes, args.publishes, args.storm_publishes, launcher, driver_path)
 
 
 if __name__ == "__main__":

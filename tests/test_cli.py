@@ -336,3 +336,39 @@ def test_every_command_shows_its_defaults(
     command: tuple[str, ...], option: str, shown: str
 ) -> None:
     assert shown in _option_help(_help(*command), option)
+
+
+@pytest.mark.parametrize(
+    ("command", "absent"),
+    [
+        (("healthcheck", "--url", "http://127.0.0.1:1/healthz"), ("metrics", "devagent", "demo")),
+        (("csi", "--endpoint", "unix:///nonexistent/csi.sock", "probe"), ("devagent", "demo")),
+    ],
+)
+def test_the_probes_import_only_what_they_use(
+    command: tuple[str, ...], absent: tuple[str, ...]
+) -> None:
+    """csi probe and healthcheck are liveness probes: they must start fast, so neither
+    imports the dev agent (cryptography), the demo, or prometheus-client for healthcheck."""
+    script = (
+        "import sys\n"
+        "from trio_spirecsi.cli import main\n"
+        f"code = main({list(command)!r})\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = set(result.stdout.split())
+    assert "cryptography" not in loaded
+    assert "importlib.metadata" not in loaded
+    for part in absent:
+        assert f"trio_spirecsi.{part}" not in loaded, part
+
+
+def test_version_and_lazily_described_commands_still_answer() -> None:
+    version = run("--version")
+    assert version.returncode == 0 and re.fullmatch(r"\S+\n", version.stdout)
+    for command, flag in (("dev-agent", "--trust-domain"), ("demo", "--keep")):
+        assert flag in run(command, "--help").stdout, command

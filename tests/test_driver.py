@@ -3,6 +3,7 @@ real bind mounts, driven the way the kubelet drives it."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -75,6 +76,30 @@ async def test_rotation_replaces_certificate_and_key_together(node: Node) -> Non
     after = read_identity(target)
     assert after.key_matches
     assert after.spiffe_id == before.spiffe_id
+
+
+async def test_a_publish_does_not_wait_behind_other_volumes_rotating(node: Node) -> None:
+    """Writes no publish waits for (a rotation of every volume, here) take turns on one
+    lane, so the event loop is never held by all of them at once; a publish writes its
+    first files without queueing behind them."""
+    assert node.daemon is not None
+    published = [await node.publish(node.pod(f"web-{n}")) for n in range(3)]
+    serials = {target: read_identity(target).serial for _, target in published}
+    lane = node.daemon.registry._rewrites
+    # Hold every turn of the lane: every rewrite waits.
+    async with contextlib.AsyncExitStack() as turns:
+        for _ in range(lane.per_turn):
+            await turns.enter_async_context(lane)
+        node.agent.rotate()
+        _, late = await node.publish(node.pod("late"))
+        assert read_identity(late).key_matches
+        assert read_identity(late).serial not in serials.values()
+        for target, serial in serials.items():
+            assert read_identity(target).serial == serial, "rewritten out of turn"
+    await eventually(
+        lambda: all(read_identity(t).serial != serial for t, serial in serials.items()),
+        "the rotation of the other volumes landed",
+    )
 
 
 async def test_trust_bundle_change_rewrites_the_bundle_file(node: Node) -> None:

@@ -269,3 +269,31 @@ def test_a_header_block_too_large_is_refused_at_its_first_frame_header() -> None
             e for e in core.receive(start + header, 0.0) if isinstance(e, ConnectionFailed)
         ]
         assert (failure.kind, failure.error_code) == ("grpc_limit_exceeded", 0xB)
+
+
+def test_a_client_with_thousands_of_open_streams_opens_one_more_without_scanning_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The agent connection carries a stream per volume: opening the next one must not walk
+    the whole table each time (h2 does; with 2,000 streams that is quadratic). A full scan,
+    which also drops closed streams, runs only when the table has doubled."""
+    import h2.connection
+    import h2.settings
+
+    scans = 0
+    original = h2.connection.H2Connection._open_streams
+
+    def counted(self: h2.connection.H2Connection, remainder: int) -> int:
+        nonlocal scans
+        scans += 1
+        count: int = original(self, remainder)
+        return count
+
+    monkeypatch.setattr(h2.connection.H2Connection, "_open_streams", counted)
+    core = ProtocolCore(client_side=True, limits=WireLimits.for_client(ClientLimits.trusted()))
+    core.initiate()
+    settings_payload = struct.pack(">HI", h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS, 65_536)
+    core.receive(raw_frame(0x4, 0, 0, settings_payload), now=0.0)
+    opened = [core.open_stream(request_headers("/a.B/C")) for _ in range(2000)]
+    assert opened == list(range(1, 4000, 2))
+    assert scans <= 12

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import time
@@ -16,9 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from tests.harness import open_node
+from trio_spirecsi.csi.client import publish_request, volume_context
 from trio_spirecsi.devagent.agent import DevAgent
 from trio_spirecsi.httpserver import check_health, parse_addr, serve_http
-from trio_spirecsi.metrics import PUBLISH_OUTCOMES, Metrics
+from trio_spirecsi.metrics import PUBLISH_OUTCOMES, PUBLISH_PHASES, Metrics
 
 WAIT = 30.0
 
@@ -116,6 +118,7 @@ def value(body: bytes, name: str, **labels: str) -> float | None:
 METRIC_NAMES = [
     "trio_spirecsi_volumes_published",
     "trio_spirecsi_publish_duration_seconds",
+    "trio_spirecsi_publish_phase_seconds",
     "trio_spirecsi_unpublish_total",
     "trio_spirecsi_svid_rotations_total",
     "trio_spirecsi_bundle_updates_total",
@@ -186,7 +189,15 @@ async def test_no_metric_carries_a_per_pod_label(server: Server) -> None:
     body = (await request(server.port, "/metrics")).body
 
     label_names = {name for sample in samples(body) for name in sample.labels}
-    assert label_names == {"outcome", "kind", "le", "version", "within_seconds", "resource"}
+    assert label_names == {
+        "outcome",
+        "phase",
+        "kind",
+        "le",
+        "version",
+        "within_seconds",
+        "resource",
+    }
 
 
 async def test_expiry_min_gauge_follows_the_source_at_scrape_time(server: Server) -> None:
@@ -474,6 +485,8 @@ def test_every_metric_and_outcome_is_documented_for_operators() -> None:
         assert f"`{shown}`" in doc, shown
     for outcome in PUBLISH_OUTCOMES:
         assert f"`{outcome}`" in doc, outcome
+    for phase in PUBLISH_PHASES:
+        assert f"`{phase}`" in doc, phase
 
 
 async def wait_for_readyz(port: int, status: int) -> Response:
@@ -540,3 +553,39 @@ async def test_readyz_tells_a_refusing_agent_from_an_unreachable_one_and_recover
         await node.stop_agent()
         response = await wait_for_readyz(port, 503)
         assert response.body.startswith(b"agent unreachable: ")
+
+
+async def test_a_publish_shows_where_its_time_went_phase_by_phase(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "node" / "spire").mkdir(parents=True)
+    async with open_node(tmp_path / "node") as node:
+        driver = await node.start_driver(metrics_addr="127.0.0.1:0")
+        assert driver.metrics_port
+        pod = node.pod("web-0", "shop", "web")
+        with caplog.at_level(logging.DEBUG, logger="trio_spirecsi.csi.node"):
+            volume_id, target = await node.publish(pod)
+        body = (await request(driver.metrics_port, "/metrics")).body
+        total = value(body, "trio_spirecsi_publish_duration_seconds_sum", outcome="ok")
+        assert total is not None
+        spent = 0.0
+        for phase in PUBLISH_PHASES:
+            name = "trio_spirecsi_publish_phase_seconds"
+            assert value(body, f"{name}_count", phase=phase) == 1, phase
+            seconds = value(body, f"{name}_sum", phase=phase)
+            assert seconds is not None and seconds >= 0, phase
+            spent += seconds
+        # The phases follow each other inside the handler: together, never more than it.
+        assert spent <= total
+        [line] = [r for r in caplog.records if r.getMessage() == "publish_phases"]
+        fields = line.__dict__["fields"]
+        assert fields["volume_id"] == volume_id
+        assert fields["pod"] == "shop/web-0"
+        assert {f"{p}_ms" for p in PUBLISH_PHASES} <= set(fields)
+
+        # Publishing the same volume again creates nothing: no phases to show.
+        await node.client.publish(publish_request(volume_id, str(target), volume_context(pod)))
+        body = (await request(driver.metrics_port, "/metrics")).body
+        assert value(body, "trio_spirecsi_publish_duration_seconds_count", outcome="ok") == 2
+        for phase in PUBLISH_PHASES:
+            assert value(body, "trio_spirecsi_publish_phase_seconds_count", phase=phase) == 1

@@ -309,9 +309,9 @@ def test_a_valid_response_becomes_an_update() -> None:
     assert svid.cert_chain == chain
     assert svid.hint == "internal"
     assert svid.trust_domain == "example.org"
-    assert svid.expires_at == int(
-        x509.load_der_x509_certificate(chain[0]).not_valid_after_utc.timestamp()
-    )
+    leaf_cert = x509.load_der_x509_certificate(chain[0])
+    assert svid.expires_at == int(leaf_cert.not_valid_after_utc.timestamp())
+    assert svid.not_before == int(leaf_cert.not_valid_before_utc.timestamp())
     assert spki(serialization.load_der_private_key(svid.key_pkcs8_der, None)) == spki(key)
     assert update.federates_with == ("other.example", "partner.example")
 

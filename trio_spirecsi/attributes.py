@@ -9,6 +9,7 @@ later step works on a ``VolumeSpec`` that is known to be consistent. See
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, TypeVar, cast
@@ -131,7 +132,7 @@ def file_name_problem(name: str) -> str | None:
         return "a file name cannot be empty"
     if "/" in name:
         return f"{_show(name)} is not a plain file name: it contains '/'"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+    if _has_control(name):
         return f"{_show(name)} contains a control character"
     if name.startswith("."):
         return f"{_show(name)} starts with '.': hidden names are reserved for the driver"
@@ -521,8 +522,11 @@ def _show(value: str, *, quote: bool = True) -> str:
     return repr(value) if quote else value
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def _has_control(value: str) -> bool:
-    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+    return _CONTROL.search(value) is not None
 
 
 def _accepted() -> str:

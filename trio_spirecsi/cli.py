@@ -3,21 +3,27 @@
 A user's mistake (a bad flag, a port in use, a socket nobody listens on) ends with one line
 on stderr that names the flag and its value and says what to do, never a traceback: exit
 status 2 for a setting the command cannot use, 1 when the command ran and failed.
+
+Each command imports what it needs when it runs (the gRPC engine, the dev agent and its
+certificates): ``csi probe`` and ``healthcheck`` are liveness probes and start in a fraction
+of the time the whole package takes to import.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib
 import os
 import signal
 import sys
 import uuid
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import trio
 
-from . import __version__, log
+from . import log
 from .config import (
     REQUIRED_SERVE_FLAGS,
     ConfigError,
@@ -25,7 +31,6 @@ from .config import (
     parse_csi_endpoint,
     settings_from_args,
 )
-from .grpc import RpcError, StatusCode, open_channel
 
 USAGE_ERROR = 2
 """Exit status for a flag or setting the command cannot use (argparse's own)."""
@@ -92,6 +97,9 @@ def _serve(args: argparse.Namespace) -> int:
                     nursery.cancel_scope.cancel()
                     break
 
+    # What exists now (modules, classes, protobuf descriptors) lives as long as the process:
+    # the collector need not walk it again in every full collection while volumes are served.
+    gc.freeze()
     try:
         trio.run(main)
     except BaseException as exc:
@@ -104,6 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _csi(args: argparse.Namespace) -> int:
     from .csi.client import CSIClient, Pod, publish_request, volume_context
+    from .grpc import RpcError, StatusCode, open_channel
 
     command = f"csi {args.action}"
     endpoint = args.endpoint or os.environ.get("TRIO_SPIRECSI_CSI_ENDPOINT", "")
@@ -198,12 +207,51 @@ def _healthcheck(args: argparse.Namespace) -> int:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Version(argparse.Action):
+    """``--version``, reading the version only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="show the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> NoReturn:
+        from . import __version__
+
+        print(__version__)
+        parser.exit()
+
+
+def _later(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """``module.name(args)``, the module imported when the command runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        code: int = getattr(importlib.import_module(module, __package__), name)(args)
+        return code
+
+    return run
+
+
+def _arguments_later(
+    sub: argparse.ArgumentParser, command: str | None, name: str, module: str
+) -> None:
+    """``module.add_arguments(sub)``, only when ``name`` is the command being parsed (or
+    ``command`` is None: every command); another command's arguments are never needed."""
+    if command is None or command == name:
+        importlib.import_module(module, __package__).add_arguments(sub)
+
+
+def _command(argv: Sequence[str]) -> str:
+    """The command word in ``argv`` (the first argument that is not an option), or ``""``."""
+    return next((arg for arg in argv if not arg.startswith("-")), "")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``command``, the arguments of the other commands that need
+    heavy imports to describe them (dev-agent, demo) are left out."""
     parser = Parser(
         prog="trio-spirecsi",
         description="CSI driver that delivers SPIFFE identities from a SPIRE agent into pods.",
     )
-    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("--version", action=_Version)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     serve = commands.add_parser(
@@ -217,22 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     serve.set_defaults(run=_serve)
 
-    from .devagent import command as devagent_command
-
     dev = commands.add_parser(
         "dev-agent",
         help="run an embedded SPIRE agent stand-in (Delegated Identity API) for demos and tests",
     )
-    devagent_command.add_arguments(dev)
-    dev.set_defaults(run=devagent_command.run)
-
-    from . import demo
+    _arguments_later(dev, command, "dev-agent", ".devagent.command")
+    dev.set_defaults(run=_later(".devagent.command", "run"))
 
     demo_parser = commands.add_parser(
         "demo", help="dev agent + driver in a temporary folder: publish, rotate, unpublish"
     )
-    demo.add_arguments(demo_parser)
-    demo_parser.set_defaults(run=demo.run)
+    _arguments_later(demo_parser, command, "demo", ".demo")
+    demo_parser.set_defaults(run=_later(".demo", "run"))
 
     client = commands.add_parser(
         "csi",
@@ -307,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command(argv)).parse_args(argv)
     try:
         code: int = args.run(args)
     except KeyboardInterrupt:

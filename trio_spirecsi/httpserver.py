@@ -13,13 +13,16 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import trio
 
 from . import log
 from .config import parse_addr
-from .metrics import Metrics
+
+if TYPE_CHECKING:  # the healthcheck command needs no prometheus-client
+    from .metrics import Metrics
 
 __all__ = ["check_health", "health_problem", "open_listeners", "parse_addr", "serve_http"]
 

@@ -14,6 +14,7 @@ descriptors, start time) come from prometheus-client's ProcessCollector.
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -48,6 +49,13 @@ SDS_RESOURCES = ("tls_certificate", "validation_context")
 
 PUBLISH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
 
+PUBLISH_PHASES = ("validate", "metadata", "subscribe", "first_svid", "render", "write", "mount")
+"""Values of the ``phase`` label of the publish phase histogram, in the order they run
+(see :mod:`trio_spirecsi.volumes.trace`)."""
+
+PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.01, 0.1, 1.0)
+"""Few: a scrape formats every bucket of every phase, in the event loop."""
+
 EXPIRING_WITHIN = (0, 60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400)
 """Values of the ``within_seconds`` label of ``trio_spirecsi_svids_expiring`` (plus ``+Inf``)."""
 
@@ -80,6 +88,15 @@ class Metrics:
         )
         for outcome in PUBLISH_OUTCOMES:
             self.publish_duration.labels(outcome=outcome)
+        self.publish_phase = Histogram(
+            f"{PREFIX}_publish_phase_seconds",
+            "Time each phase of a NodePublishVolume that created a volume took, by phase.",
+            ["phase"],
+            buckets=PHASE_BUCKETS,
+            registry=r,
+        )
+        for phase in PUBLISH_PHASES:
+            self.publish_phase.labels(phase=phase)
         self.unpublish_total = Counter(
             f"{PREFIX}_unpublish_total", "NodeUnpublishVolume calls that succeeded.", registry=r
         )
@@ -191,7 +208,7 @@ class _ExpiryCollector:
             f"{PREFIX}_svids_expiring", _EXPIRING_DOC, labels=["within_seconds"]
         )
         for bound in EXPIRING_WITHIN:
-            expiring.add_metric([str(bound)], sum(1 for r in remaining if r <= bound))
+            expiring.add_metric([str(bound)], bisect.bisect_right(remaining, bound))
         expiring.add_metric(["+Inf"], len(remaining))
         yield expiring
 

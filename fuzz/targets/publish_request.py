@@ -25,6 +25,7 @@ from trio_spirecsi.csi.status import handler
 from trio_spirecsi.grpc import RpcError, ServerContext, StatusCode, methods
 from trio_spirecsi.metrics import Metrics
 from trio_spirecsi.volumes.registry import PublishRequest, Registry
+from trio_spirecsi.volumes.trace import PublishTrace
 from trio_spirecsi.volumes.volume import Volume
 
 KUBELET_DIR = Path("/var/lib/kubelet")
@@ -36,7 +37,7 @@ class AcceptingRegistry:
     def __init__(self) -> None:
         self.last: PublishRequest | None = None
 
-    async def publish(self, req: PublishRequest) -> None:
+    async def publish(self, req: PublishRequest, trace: PublishTrace | None = None) -> None:
         self.last = req
 
     def get(self, volume_id: str) -> Volume | None:

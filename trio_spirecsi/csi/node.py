@@ -12,10 +12,11 @@ from .._proto.csi.v1 import csi_pb2 as csi
 from ..attributes import parse_volume_context
 from ..errors import InvalidArgument, PublishFailed, SpireCSIError
 from ..grpc import Server, ServerContext, methods
-from ..metrics import Metrics
+from ..metrics import PUBLISH_PHASES, Metrics
 from ..storage.metadata import MetadataError
 from ..storage.paths import check_target_path
 from ..volumes.registry import PublishRequest, Registry
+from ..volumes.trace import PublishTrace
 from .status import handler, internal_error
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class NodeService:
         self._node_id = node_id
         self._kubelet_dir = kubelet_dir
         self._metrics = metrics
+        self._phase_seconds = {p: metrics.publish_phase.labels(phase=p) for p in PUBLISH_PHASES}
 
     def register(self, server: Server) -> None:
         count = self._count_internal
@@ -88,12 +90,13 @@ class NodeService:
         self, request: csi.NodePublishVolumeRequest, context: ServerContext
     ) -> csi.NodePublishVolumeResponse:
         started = time.perf_counter()
+        trace = PublishTrace(started)
         outcome = "error"
         fields: dict[str, str] = {"volume_id": request.volume_id}
         try:
             req = self.validate_publish(request)
             fields["pod"] = f"{req.spec.pod.namespace}/{req.spec.pod.name}"
-            await self._registry.publish(req)
+            await self._registry.publish(req, trace)
             volume = self._registry.get(req.volume_id)
             written = volume.state.value.written if volume is not None else None
             if written is not None:
@@ -117,6 +120,8 @@ class NodeService:
         finally:
             elapsed = time.perf_counter() - started
             self._metrics.publish_duration.labels(outcome=outcome).observe(elapsed)
+            if outcome == "ok" and trace.complete:
+                self._phases(trace, fields)
             log.event(
                 logger,
                 logging.INFO if outcome == "ok" else logging.WARNING,
@@ -125,6 +130,13 @@ class NodeService:
                 duration_ms=round(elapsed * 1000, 2),
                 **fields,
             )
+
+    def _phases(self, trace: PublishTrace, fields: dict[str, str]) -> None:
+        for name, seconds in trace.durations.items():
+            self._phase_seconds[name].observe(seconds)
+        if logger.isEnabledFor(logging.DEBUG):
+            durations = {f"{k}_ms": round(v * 1000, 3) for k, v in trace.durations.items()}
+            log.event(logger, logging.DEBUG, "publish_phases", **fields, **durations)
 
     async def unpublish(
         self, request: csi.NodeUnpublishVolumeRequest, context: ServerContext

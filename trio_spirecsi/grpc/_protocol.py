@@ -466,13 +466,13 @@ class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
 
     def _open_streams(self, remainder: int) -> int:
         # h2 scans every stream each time one is opened; with thousands of long-lived streams
-        # that is quadratic. Below every limit the size of the table is a safe upper bound.
-        # A full scan (which also drops closed streams) runs once the table has doubled.
+        # that is quadratic. Below the limit that applies (the peer's for streams we open, ours
+        # for the peer's) the size of the table is a safe upper bound. A full scan (which also
+        # drops closed streams) runs once the table has doubled.
         size = len(self.streams)
-        limit = min(
-            self.local_settings.max_concurrent_streams, self.remote_settings.max_concurrent_streams
-        )
-        if size < self._next_scan and size + 1 < limit:
+        outbound = remainder == int(self.config.client_side)
+        settings = self.remote_settings if outbound else self.local_settings
+        if size < self._next_scan and size + 1 < settings.max_concurrent_streams:
             return size
         count: int = super()._open_streams(remainder)
         self._next_scan = 2 * len(self.streams) + 64

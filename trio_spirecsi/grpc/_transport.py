@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -34,7 +35,7 @@ from ._protocol import (
 logger = logging.getLogger(__name__)
 
 IO_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
-_READ_SIZE = 65536
+_READ_SIZE = 16384
 _CLOSE_GRACE = 1.0
 
 ErrorHook = Callable[[str], None]
@@ -72,6 +73,7 @@ class Transport:
         self._idle_changed = trio.Event()
         self._handshake = trio.Event()
         self._busy = False
+        self._sending = False  # the writer task is inside a send
         self._outbox = bytearray()  # taken from the core, not yet sent
 
     @property
@@ -85,6 +87,23 @@ class Transport:
 
     def flush(self) -> None:
         self._dirty.set()
+
+    def send_now(self) -> None:
+        """Flush, and send what the core has right away from the calling task when nothing
+        else is being sent: a call's request or response leaves without waiting for the
+        writer task's next turn (which, with many tasks runnable, can be a long wait).
+        What the socket does not take at once (or any error) is left to the writer task."""
+        if not self._sending and not self._outbox and self.core.failure is None:
+            data = self.core.data_to_send()
+            if data:
+                try:
+                    sent = os.write(self._stream.socket.fileno(), data)
+                except OSError:  # full (EAGAIN), or broken: the writer finds out
+                    sent = 0
+                if sent < len(data):
+                    self._outbox += data[sent:]
+                self.notify()
+        self.flush()
 
     def notify(self) -> None:
         """Wake every task in :meth:`wait_changed` (window, stream or connection news)."""
@@ -179,7 +198,8 @@ class Transport:
                     SLOW_READER,
                     f"peer does not read: more than {self._max_queue} bytes queued",
                 )
-            self.flush()
+            if self.core.outbound_pending:  # acks, settings, GOAWAY: else no writer turn
+                self.flush()
 
     async def _write_loop(self) -> None:
         try:
@@ -199,7 +219,11 @@ class Transport:
                 self._outbox += self.core.data_to_send()
                 if not self._outbox:
                     return
-            sent = await sock.send(self._outbox)
+            self._sending = True
+            try:
+                sent = await sock.send(self._outbox)
+            finally:
+                self._sending = False
             del self._outbox[:sent]
             self.notify()
 
@@ -247,7 +271,9 @@ class Transport:
 
         Raises StreamGone if the stream is reset or the connection ends first.
         """
-        await trio.lowlevel.checkpoint()
+        # Not a schedule point when the message fits at once: a request or response goes out
+        # in the task's current turn (cancellation is still checked).
+        await trio.lowlevel.checkpoint_if_cancelled()
         payload = memoryview(struct.pack(">?I", False, len(data)) + data)
         offset = 0
         while True:

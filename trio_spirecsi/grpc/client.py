@@ -231,6 +231,7 @@ class ClientConnection:
         except BaseException:
             self.end_call(call)
             raise
+        self.transport.send_now()
         return call
 
     async def next_message(self, call: ClientCall) -> bytes | None:

@@ -237,6 +237,9 @@ class Server:
             if here.value >= self.limits.max_connections:
                 await self._refuse(stream, path)
                 continue
+            # Counted now, not when its task first runs: the next accept may come first.
+            here.value += 1
+            self._connections += 1
             nursery.start_soon(self._serve_connection, stream, path, here)
 
     async def _refuse(self, stream: trio.SocketStream, path: str) -> None:
@@ -256,8 +259,6 @@ class Server:
                 logger.exception("gRPC on_error hook failed")
 
     async def _serve_connection(self, stream: trio.SocketStream, path: str, here: _Count) -> None:
-        here.value += 1
-        self._connections += 1
         try:
             await ServerConnection(self, stream, path).run()
         except Exception:  # never reaches serve(): only this connection is lost
@@ -394,6 +395,7 @@ class ServerConnection:
             self._server._active -= 1
             del self._calls[call.stream_id]
             self._finish_stream(call.stream_id)
+            self.transport.send_now()
             if not self._calls:
                 self.transport.set_busy(False)
                 if self._draining:

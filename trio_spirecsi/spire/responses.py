@@ -47,6 +47,9 @@ class X509SVID:
     expires_at: int
     """The leaf's notAfter, unix seconds."""
     hint: str = ""
+    not_before: int | None = None
+    """The leaf's notBefore, unix seconds (read with the rest at validation; None in an
+    SVID built by hand)."""
 
     @property
     def trust_domain(self) -> str:
@@ -162,9 +165,10 @@ def _svid(index: int, item: di.X509SVIDWithKey) -> X509SVID:
         raise RenderError(f"{where}: the private key does not belong to the leaf certificate")
     try:
         expires_at = int(leaf.not_valid_after_utc.timestamp())
+        not_before = int(leaf.not_valid_before_utc.timestamp())
     except CRYPTO_ERRORS:
-        raise RenderError(f"{where}: the leaf certificate has no valid notAfter") from None
-    return X509SVID(spiffe_id, chain, key_pkcs8, expires_at, svid.hint)
+        raise RenderError(f"{where}: the leaf certificate has no valid validity period") from None
+    return X509SVID(spiffe_id, chain, key_pkcs8, expires_at, svid.hint, not_before)
 
 
 def parse_certificate(der: bytes, what: str) -> x509.Certificate:

@@ -3,12 +3,12 @@
 The metadata is what a restarted driver needs to resume a volume without the API server. It is
 replaced atomically (temp file, fsync, rename, fsync of the folder), so after a crash a folder
 holds either the previous complete record, the new one, or none (an orphan of a publish that
-never finished).
+never finished). On tmpfs, where nothing outlives the machine and the page cache outlives the
+driver, the fsyncs are skipped (:mod:`.sync`); the temp file and rename stay.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import json
@@ -29,6 +29,7 @@ from typing import Any
 from trio_spirecsi.log import event
 from trio_spirecsi.storage.errors import StorageError
 from trio_spirecsi.storage.mount import MountInfo, fs_location, mount_table
+from trio_spirecsi.storage.sync import fsync_dir, fsync_needed
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ _MAX_REASON = 2000
 _TMP_PREFIX = f".{METADATA_FILE}."
 _TMP_SUFFIX = ".tmp"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_MAX_DEPTH = 64
 _FIELDS = {
     "volume_id": str,
     "target_path": str,
@@ -90,15 +92,45 @@ class VolumeMetadata:
     version: int = FORMAT_VERSION
 
     def to_json(self) -> bytes:
-        """The record as UTF-8 JSON; raises MetadataError unless it reads back equal."""
+        """The record as UTF-8 JSON (one line); raises MetadataError unless it reads back equal.
+
+        What :meth:`from_json` accepts is checked on the values themselves, so the text is
+        produced once and never parsed again here.
+        """
+        problem = self._json_problem()
+        if problem is not None:
+            raise MetadataError(
+                f"volume {self.volume_id!r:.80} does not survive a JSON round trip: {problem}"
+            )
+        doc = {name: getattr(self, name) for name in _FIELDS}
         try:
-            text = json.dumps(dataclasses.asdict(self), sort_keys=True, indent=2, allow_nan=False)
+            text = json.dumps(doc, sort_keys=True, allow_nan=False)
         except (TypeError, ValueError, RecursionError) as exc:
             raise MetadataError(f"volume {self.volume_id!r} is not serializable: {exc}") from exc
-        data = text.encode() + b"\n"
-        if VolumeMetadata.from_json(data) != self:
-            raise MetadataError(f"volume {self.volume_id!r} does not survive a JSON round trip")
-        return data
+        return text.encode() + b"\n"
+
+    def _json_problem(self) -> str | None:
+        """Why :meth:`from_json` would not give this record back, or None."""
+        for name in ("volume_id", "target_path", "node_id", "volume_mount_group"):
+            value = getattr(self, name)
+            if type(value) is not str:
+                return f"{name} is not a str"
+            if not value and name != "volume_mount_group":
+                return f"{name} is empty"
+        created = self.created_at
+        if type(created) is int:
+            try:
+                if float(created) != created:
+                    return "created_at does not fit a float"
+            except OverflowError:
+                return "created_at is out of range"
+        elif type(created) is not float or not math.isfinite(created):
+            return "created_at is not a finite number"
+        if type(self.version) is not int or self.version != FORMAT_VERSION:
+            return f"version {self.version!r:.20} is not {FORMAT_VERSION}"
+        if type(self.spec) is not dict:
+            return "spec is not a dict"
+        return _json_value_problem(self.spec, 0)
 
     @classmethod
     def from_json(cls, data: bytes) -> VolumeMetadata:
@@ -138,6 +170,40 @@ class VolumeMetadata:
         return cls(**doc)
 
 
+def _json_value_problem(value: Any, depth: int) -> str | None:
+    """Why ``value`` would not read back equal from JSON (a tuple, a set, a non-str key, NaN,
+    bytes, an int too long, nesting too deep), or None."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return None
+    if kind is int:
+        if value.bit_length() > 10_000:  # beyond Python's int/str digit limit?
+            try:
+                str(value)
+            except ValueError:
+                return "an integer is too long"
+        return None
+    if kind is float:
+        return None if math.isfinite(value) else "a number is not finite"
+    if depth >= _MAX_DEPTH:
+        return "spec is nested too deep"
+    if kind is list:
+        for item in value:
+            problem = _json_value_problem(item, depth + 1)
+            if problem is not None:
+                return problem
+        return None
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                return "a key is not a str"
+            problem = _json_value_problem(item, depth + 1)
+            if problem is not None:
+                return problem
+        return None
+    return f"a {kind.__name__} is not a JSON value"
+
+
 @dataclass(frozen=True)
 class LoadResult:
     """What :meth:`MetadataStore.load_all` found; folders in each list are sorted by name."""
@@ -145,14 +211,6 @@ class LoadResult:
     valid: list[VolumeMetadata]
     corrupt: list[Path]
     orphans: list[Path]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _mkdir_private(path: Path) -> bool:
@@ -182,9 +240,19 @@ class MetadataStore:
     ``state_dir`` is resolved once, here (symlinks in the configured path are the operator's);
     nothing below it is ever followed. ``keep_corrupt`` bounds how many set-aside folders
     ``.corrupt/`` keeps (the newest), so a crash loop cannot fill the tmpfs.
+
+    ``fsync`` says whether writes are made durable with fsync; by default they are, unless the
+    state folder is on tmpfs or ramfs (decided once, here). Volume files written below it
+    should follow the same choice (``write_atomically(..., fsync=store.fsync)``).
     """
 
-    def __init__(self, state_dir: Path, *, keep_corrupt: int = DEFAULT_KEEP_CORRUPT) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        keep_corrupt: int = DEFAULT_KEEP_CORRUPT,
+        fsync: bool | None = None,
+    ) -> None:
         if keep_corrupt < 0:
             raise ValueError(f"keep_corrupt must be 0 or more, not {keep_corrupt}")
         self.keep_corrupt = keep_corrupt
@@ -192,6 +260,11 @@ class MetadataStore:
         with _storage_errors(f"creating the state folder {self.state_dir}"):
             self.state_dir.parent.mkdir(parents=True, exist_ok=True)
             _mkdir_private(self.state_dir)
+        self.fsync = fsync_needed(self.state_dir) if fsync is None else fsync
+
+    def _sync_dir(self, path: Path) -> None:
+        if self.fsync:
+            fsync_dir(path)
 
     def volume_dir(self, volume_id: str) -> Path:
         """The volume's folder, named by :func:`folder_name`."""
@@ -214,16 +287,17 @@ class MetadataStore:
             try:
                 try:
                     _write_all(fd, payload)
-                    os.fsync(fd)
+                    if self.fsync:
+                        os.fsync(fd)
                 finally:
                     os.close(fd)
                 os.rename(tmp, folder / METADATA_FILE)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-            _fsync_dir(folder)
+            self._sync_dir(folder)
             if created:
-                _fsync_dir(self.state_dir)
+                self._sync_dir(self.state_dir)
         return folder
 
     def read(self, volume_id: str) -> VolumeMetadata | None:
@@ -310,7 +384,7 @@ class MetadataStore:
                 "nothing was changed (unmount it, then restart the driver)",
             )
         pods = _bound_elsewhere(path, table)
-        keep, deleted = _scrub(path, f"setting {path} aside")
+        keep, deleted = _scrub(path, f"setting {path} aside", fsync=self.fsync)
         corrupt = self.state_dir / CORRUPT_DIR
         with _storage_errors(f"setting {path} aside (its keys are already deleted)"):
             _mkdir_private(corrupt)
@@ -329,15 +403,15 @@ class MetadataStore:
                 "deleted": deleted,
                 "was_mounted_at": [str(p) for p in pods],
             }
-            _write_new(dest / NOTE_FILE, json.dumps(note, indent=2).encode() + b"\n")
+            _write_new(dest / NOTE_FILE, json.dumps(note, indent=2).encode() + b"\n", self.fsync)
             if keep:
                 os.rename(path / METADATA_FILE, dest / METADATA_FILE)
                 os.chmod(dest / METADATA_FILE, 0o600)
             os.rmdir(path)
             os.chmod(dest, 0o700)
-            _fsync_dir(dest)
-            _fsync_dir(corrupt)
-            _fsync_dir(self.state_dir)
+            self._sync_dir(dest)
+            self._sync_dir(corrupt)
+            self._sync_dir(self.state_dir)
         if pods:
             event(
                 log,
@@ -370,7 +444,9 @@ class MetadataStore:
                 inside = _mounts_inside(entry, table)
                 if inside:
                     raise StorageError(errno.EBUSY, f"{inside[0]} is a mount point inside it")
-                _keep, deleted = _scrub(entry, f"tidying {entry}", keep_names={NOTE_FILE})
+                _keep, deleted = _scrub(
+                    entry, f"tidying {entry}", keep_names={NOTE_FILE}, fsync=self.fsync
+                )
             except OSError as exc:
                 event(log, logging.WARNING, "corrupt_tidy_failed", folder=str(entry), error=exc)
             else:
@@ -436,7 +512,7 @@ class MetadataStore:
                 if busy is not None:
                     raise StorageError(errno.EBUSY, f"refusing to remove {path}: {busy}")
                 shutil.rmtree(path)
-            _fsync_dir(self.state_dir)
+            self._sync_dir(self.state_dir)
 
     def removal_blocker(self, volume_id: str, *, target: Path | None = None) -> str | None:
         """Why the volume's folder could not be removed once its mount at ``target`` is gone
@@ -475,11 +551,12 @@ def _write_all(fd: int, payload: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _write_new(path: Path, payload: bytes) -> None:
+def _write_new(path: Path, payload: bytes, fsync: bool) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         _write_all(fd, payload)
-        os.fsync(fd)
+        if fsync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -511,7 +588,11 @@ def _only_notes(entry: Path) -> bool:
 
 
 def _scrub(
-    folder: Path, what: str, keep_names: frozenset[str] | set[str] = frozenset()
+    folder: Path,
+    what: str,
+    keep_names: frozenset[str] | set[str] = frozenset(),
+    *,
+    fsync: bool = True,
 ) -> tuple[bool, list[str]]:
     """Delete everything in ``folder`` except a plain ``metadata.json`` without a private key
     (and ``keep_names``); whether that metadata is kept, and the names deleted. Symlinks are
@@ -531,7 +612,8 @@ def _scrub(
             else:
                 os.unlink(item.path)
             deleted.append(item.name)
-        _fsync_dir(folder)
+        if fsync:
+            fsync_dir(folder)
     return keep, deleted
 
 

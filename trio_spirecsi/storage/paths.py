@@ -18,7 +18,7 @@ import errno
 import os
 import stat
 from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from types import TracebackType
 
 from trio_spirecsi.errors import InvalidArgument
@@ -103,12 +103,10 @@ def walk(dirfd: int, parts: Sequence[str]) -> int:
 def _below(kubelet_dir: Path, parts: tuple[str, ...]) -> tuple[int, tuple[str, ...]] | None:
     """How many leading components name the kubelet folder, and the rest (at least one).
     The folder may be spelled as configured or as its real path."""
-    path = PurePosixPath("/", *parts)
-    for spelling in (os.path.abspath(kubelet_dir), os.path.realpath(kubelet_dir)):
-        root = PurePosixPath(spelling)
-        if path != root and path.is_relative_to(root):
-            rest = path.relative_to(root).parts
-            return len(parts) - len(rest), rest
+    for spell in (os.path.abspath, os.path.realpath):  # resolved only when the first fails
+        root = split_absolute(spell(kubelet_dir))
+        if len(parts) > len(root) and parts[: len(root)] == root:
+            return len(root), parts[len(root) :]
     return None
 
 

@@ -48,29 +48,25 @@ def _check(files: Mapping[str, FileContent]) -> None:
             raise ValueError(f"invalid mode {content.mode:#o} for {name!r}: permission bits only")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _set_owner_mode(path: Path, gid: int | None) -> None:
+def _set_owner_mode(path: str | int, gid: int | None) -> None:
     """0755 without a group; 0750 owned by group ``gid`` with one (chown before chmod)."""
-    os.chown(path, -1, os.getegid() if gid is None else gid, follow_symlinks=False)
-    os.chmod(path, 0o755 if gid is None else 0o750)
+    if isinstance(path, int):
+        os.fchown(path, -1, os.getegid() if gid is None else gid)
+        os.fchmod(path, 0o755 if gid is None else 0o750)
+    else:
+        os.chown(path, -1, os.getegid() if gid is None else gid, follow_symlinks=False)
+        os.chmod(path, 0o755 if gid is None else 0o750)
 
 
-def _current(data_dir: Path) -> str | None:
+def _current(data_dir: str) -> str | None:
     try:
-        target = os.readlink(data_dir / DATA_LINK)
+        target = os.readlink(os.path.join(data_dir, DATA_LINK))
     except FileNotFoundError:
         return None
-    return target if (data_dir / target).is_dir() else None
+    return target if os.path.isdir(os.path.join(data_dir, target)) else None
 
 
-def _remove(path: Path) -> None:
+def _remove(path: str) -> None:
     try:
         if stat.S_ISDIR(os.lstat(path).st_mode):
             shutil.rmtree(path)
@@ -80,7 +76,7 @@ def _remove(path: Path) -> None:
         pass
 
 
-def _is_socket(path: Path) -> bool:
+def _is_socket(path: str) -> bool:
     """A unix socket beside the files belongs to a server (the Workload API), not to us."""
     try:
         return stat.S_ISSOCK(os.lstat(path).st_mode)
@@ -88,15 +84,15 @@ def _is_socket(path: Path) -> bool:
         return False
 
 
-def _remove_stale(data_dir: Path, keep: str | None) -> None:
+def _remove_stale(data_dir: str, keep: str | None) -> None:
     """Drop temp links and every generation folder that ``..data`` does not point at."""
     for name in os.listdir(data_dir):
         if name.startswith("..") and name not in (DATA_LINK, keep):
-            _remove(data_dir / name)
+            _remove(os.path.join(data_dir, name))
 
 
 def _unchanged(
-    generation: Path, files: Mapping[str, FileContent], gid: int | None, label: str | None
+    generation: str, files: Mapping[str, FileContent], gid: int | None, label: str | None
 ) -> bool:
     want_gid = os.getegid() if gid is None else gid
     try:
@@ -105,11 +101,15 @@ def _unchanged(
         if set(os.listdir(generation)) != set(files) or os.stat(generation).st_gid != want_gid:
             return False
         for name, content in files.items():
-            st = os.lstat(generation / name)
+            path = os.path.join(generation, name)
+            st = os.lstat(path)
             if not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != content.mode:
                 return False
-            if st.st_gid != want_gid or (generation / name).read_bytes() != content.data:
+            if st.st_gid != want_gid:
                 return False
+            with open(path, "rb") as fh:
+                if fh.read() != content.data:
+                    return False
     except FileNotFoundError:
         return False
     return True
@@ -118,7 +118,7 @@ def _unchanged(
 SELINUX_XATTR = "security.selinux"
 
 
-def _label(path: Path | int, label: str | None) -> None:
+def _label(path: str | int, label: str | None) -> None:
     """Give a file, folder or symlink the SELinux context ``label`` (no-op without one)."""
     if label is not None:
         if isinstance(path, int):
@@ -127,67 +127,95 @@ def _label(path: Path | int, label: str | None) -> None:
             os.setxattr(path, SELINUX_XATTR, label.encode(), follow_symlinks=False)
 
 
-def _get_label(path: Path) -> str | None:
+def _get_label(path: str) -> str | None:
     try:
         return os.getxattr(path, SELINUX_XATTR, follow_symlinks=False).decode()
     except OSError:
         return None
 
 
+def _fsync_dir(path: str | int) -> None:
+    if isinstance(path, int):
+        os.fsync(path)
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_generation(
-    data_dir: Path, files: Mapping[str, FileContent], gid: int | None, label: str | None
+    data_dir: str,
+    files: Mapping[str, FileContent],
+    gid: int | None,
+    label: str | None,
+    fsync: bool,
 ) -> str:
     """A new generation folder holding exactly ``files``; on any failure (a full disk, no
     descriptors) it is removed again, so a failed write leaves no half-written folder."""
     stamp = time.strftime("%Y_%m_%d_%H_%M_%S", time.gmtime())
-    folder = Path(tempfile.mkdtemp(prefix=f"..{stamp}.", dir=data_dir))
+    folder = tempfile.mkdtemp(prefix=f"..{stamp}.", dir=data_dir)
     try:
-        _fill_generation(folder, files, gid, label)
+        _fill_generation(folder, files, gid, label, fsync)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    return folder.name
+    return os.path.basename(folder)
+
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _fill_generation(
-    folder: Path, files: Mapping[str, FileContent], gid: int | None, label: str | None
+    folder: str,
+    files: Mapping[str, FileContent],
+    gid: int | None,
+    label: str | None,
+    fsync: bool,
 ) -> None:
-    for name, content in files.items():
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(folder / name, flags, 0o600)
-        try:
-            view = memoryview(content.data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if gid is not None:
-                os.fchown(fd, -1, gid)
-            os.fchmod(fd, content.mode)
-            _label(fd, label)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    _set_owner_mode(folder, gid)
-    _label(folder, label)
-    _fsync_dir(folder)
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for name, content in files.items():
+            fd = os.open(name, _CREATE, 0o600, dir_fd=dir_fd)
+            try:
+                view = memoryview(content.data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if gid is not None:
+                    os.fchown(fd, -1, gid)
+                os.fchmod(fd, content.mode)
+                _label(fd, label)
+                if fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        _set_owner_mode(dir_fd, gid)
+        _label(dir_fd, label)
+        if fsync:
+            _fsync_dir(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
-def _replace_symlink(data_dir: Path, name: str, target: str, label: str | None) -> None:
-    tmp = data_dir / _LINK_TMP
+def _replace_symlink(data_dir: str, name: str, target: str, label: str | None) -> None:
+    tmp = os.path.join(data_dir, _LINK_TMP)
     _remove(tmp)
     os.symlink(target, tmp)
     _label(tmp, label)
-    path = data_dir / name
-    if path.is_dir() and not path.is_symlink():
+    path = os.path.join(data_dir, name)
+    if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
     os.rename(tmp, path)
 
 
 def write_atomically(
-    data_dir: Path,
+    data_dir: Path | str,
     files: Mapping[str, FileContent],
     *,
     gid: int | None,
     selinux_context: str | None = None,
+    fsync: bool = True,
 ) -> None:
     """Replace the whole content of ``data_dir`` with ``files``; readers see old or new, no mix.
 
@@ -203,10 +231,14 @@ def write_atomically(
     as the volume's Workload API socket) are left in place. The parent of ``data_dir`` must
     exist. Failures (ENOSPC, EROFS, a missing parent) raise StorageError naming the path;
     invalid names or modes raise ValueError before anything is written.
+
+    ``fsync=False`` leaves out every fsync: for a folder on tmpfs, where they change nothing
+    (see :mod:`.sync`). The order of the writes, and so what a reader or a restarted driver
+    sees after a crash of the driver, is the same.
     """
     _check(files)
     try:
-        _write(data_dir, files, gid, selinux_context)
+        _write(os.fspath(data_dir), files, gid, selinux_context, fsync)
     except OSError as exc:
         if isinstance(exc, StorageError):
             raise
@@ -216,33 +248,65 @@ def write_atomically(
 
 
 def _write(
-    data_dir: Path, files: Mapping[str, FileContent], gid: int | None, selinux_context: str | None
+    data_dir: str,
+    files: Mapping[str, FileContent],
+    gid: int | None,
+    selinux_context: str | None,
+    fsync: bool,
 ) -> None:
     try:
         os.mkdir(data_dir, 0o700)
+        created = True
     except FileExistsError:
         if not stat.S_ISDIR(os.lstat(data_dir).st_mode):
-            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(data_dir)) from None
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder", data_dir) from None
+        created = False
     _set_owner_mode(data_dir, gid)
     _label(data_dir, selinux_context)
+    if created:
+        _write_new(data_dir, files, gid, selinux_context, fsync)
+        return
     current = _current(data_dir)
     _remove_stale(data_dir, keep=current)
-    if current is None or not _unchanged(data_dir / current, files, gid, selinux_context):
-        current = _write_generation(data_dir, files, gid, selinux_context)
-        os.symlink(current, data_dir / _DATA_TMP)
-        _label(data_dir / _DATA_TMP, selinux_context)
-        os.rename(data_dir / _DATA_TMP, data_dir / DATA_LINK)
-        _fsync_dir(data_dir)
+    generation = None if current is None else os.path.join(data_dir, current)
+    if generation is None or not _unchanged(generation, files, gid, selinux_context):
+        current = _write_generation(data_dir, files, gid, selinux_context, fsync)
+        link_tmp = os.path.join(data_dir, _DATA_TMP)
+        os.symlink(current, link_tmp)
+        _label(link_tmp, selinux_context)
+        os.rename(link_tmp, os.path.join(data_dir, DATA_LINK))
+        if fsync:
+            _fsync_dir(data_dir)
     for name in files:
         link = f"{DATA_LINK}/{name}"
         try:
-            if os.readlink(data_dir / name) == link:
+            if os.readlink(os.path.join(data_dir, name)) == link:
                 continue
         except OSError:
             pass
         _replace_symlink(data_dir, name, link, selinux_context)
     for name in os.listdir(data_dir):
-        if not name.startswith("..") and name not in files and not _is_socket(data_dir / name):
-            _remove(data_dir / name)
+        path = os.path.join(data_dir, name)
+        if not name.startswith("..") and name not in files and not _is_socket(path):
+            _remove(path)
     _remove_stale(data_dir, keep=current)
-    _fsync_dir(data_dir)
+    if fsync:
+        _fsync_dir(data_dir)
+
+
+def _write_new(
+    data_dir: str,
+    files: Mapping[str, FileContent],
+    gid: int | None,
+    selinux_context: str | None,
+    fsync: bool,
+) -> None:
+    """The first write into ``data_dir``, which this call created (so it is empty): the
+    generation, then ``..data`` and the visible names, in the same order as any write."""
+    current = _write_generation(data_dir, files, gid, selinux_context, fsync)
+    for name, target in ((DATA_LINK, current), *((n, f"{DATA_LINK}/{n}") for n in files)):
+        path = os.path.join(data_dir, name)
+        os.symlink(target, path)
+        _label(path, selinux_context)
+    if fsync:
+        _fsync_dir(data_dir)

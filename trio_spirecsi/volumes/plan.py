@@ -19,6 +19,8 @@ class VolumePlan:
     spec: VolumeSpec
     selectors: tuple[Selector, ...]
     selinux_context: str | None = None
+    fsync: bool = True
+    """Whether writes into ``data_dir`` are fsynced (not on tmpfs: see storage.sync)."""
 
     @property
     def pod(self) -> str:

@@ -36,7 +36,8 @@ from ..storage.paths import TargetParentMissing, open_target
 from ..storage.writer import DATA_LINK
 from ..watched import Observable
 from .plan import VolumePlan
-from .volume import Agent, ProblemKind, SocketServer, Volume, VolumeState
+from .trace import PublishTrace
+from .volume import Agent, ProblemKind, RewriteLane, SocketServer, Volume, VolumeState
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +142,7 @@ class Registry:
         self._retry = retry
         self._entries: dict[str, Entry] = {}
         self._locks: dict[str, tuple[trio.Lock, int]] = {}
+        self._rewrites = RewriteLane()
         self._nursery: trio.Nursery | None = None
         metrics.set_expiry_source(self._expiries)
 
@@ -258,6 +260,7 @@ class Registry:
             spec=spec,
             selectors=selectors_for(spec.pod, self._node_id),
             selinux_context=self._selinux_context,
+            fsync=self._store.fsync,
         )
         volume = Volume(
             plan,
@@ -266,6 +269,7 @@ class Registry:
             now=self._now,
             retry=self._retry,
             socket_server=self._socket_server,
+            rewrites=self._rewrites,
         )
         entry = self._entries[md.volume_id] = Entry(md, volume)
         self._metrics.volumes_published.set(len(self._entries))
@@ -279,8 +283,14 @@ class Registry:
         lock, users = self._locks.get(volume_id, (trio.Lock(), 0))
         self._locks[volume_id] = (lock, users + 1)
         try:
-            async with lock:
+            try:
+                lock.acquire_nowait()  # free (the usual case): no turn lost waiting for it
+            except trio.WouldBlock:
+                await lock.acquire()
+            try:
                 yield
+            finally:
+                lock.release()
         finally:
             lock, users = self._locks[volume_id]
             if users == 1:
@@ -288,12 +298,21 @@ class Registry:
             else:
                 self._locks[volume_id] = (lock, users - 1)
 
-    async def publish(self, req: PublishRequest) -> None:
+    async def publish(self, req: PublishRequest, trace: PublishTrace | None = None) -> None:
         """Return once the volume's files are complete and mounted at the target.
 
         On any failure (including cancellation of the call) everything this call created is
-        removed again: the agent stream, the files, the mount.
+        removed again: the agent stream, the files, the mount. ``trace`` gets the phases of a
+        publish that creates the volume (see :mod:`.trace`).
         """
+        trace = trace or PublishTrace()
+        self._rewrites.publish_started()
+        try:
+            await self._publish(req, trace)
+        finally:
+            self._rewrites.publish_ended()
+
+    async def _publish(self, req: PublishRequest, trace: PublishTrace) -> None:
         async with self._locked(req.volume_id):
             known = self._entries.get(req.volume_id)
             if known is not None:
@@ -309,11 +328,15 @@ class Registry:
             )
             # Checked and held from here on: the wait below cannot redirect the mount.
             with open_target(self._kubelet_dir, req.target_path) as target:
+                trace.mark("validate")
                 mounted = False
+                entry: Entry | None = None
                 try:
                     self._store.remove(req.volume_id)
                     self._store.write(md)
+                    trace.mark("metadata")
                     entry = self._start(md, req.spec)
+                    entry.volume.trace = trace
                     with trio.move_on_after(self._publish_timeout):
                         await entry.volume.state.wait_value(_settled)
                     state = entry.volume.state.value
@@ -325,10 +348,15 @@ class Registry:
                         )
                     self._mounter.bind_readonly(entry.volume.plan.data_dir, target)
                     mounted = True
+                    trace.mark("mount")
                 except BaseException:
                     with trio.CancelScope(shield=True):
                         await self._teardown(req.volume_id, req.target_path if mounted else None)
                     raise
+                finally:
+                    trace.close()
+                    if entry is not None:
+                        entry.volume.trace = None
 
     def _republish(self, req: PublishRequest, entry: Entry) -> None:
         if not req.same_as(entry.metadata):

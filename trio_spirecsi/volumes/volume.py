@@ -57,6 +57,7 @@ from ..spire.selectors import Selector
 from ..storage.writer import FileContent, write_atomically
 from ..watched import Observable, Watched
 from .plan import VolumePlan
+from .trace import PublishTrace
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,56 @@ SocketServer = Callable[["Volume", Callable[[], None]], Awaitable[None]]
 """Serves the volume's per-pod socket until cancelled; calls its second argument each time
 the socket accepts connections (again). Injected by the daemon, so volumes do not depend on
 the servers that read them."""
+
+
+class RewriteLane:
+    """Where writes that no publish waits for (rotations, bundle changes, resumed volumes)
+    take turns, shared by a registry's volumes.
+
+    At most ``per_turn`` writes (3) per scheduler turn, in arrival order, so a rotation of
+    every volume never holds the event loop for long; and while a publish is in progress
+    (between :meth:`publish_started` and :meth:`publish_ended`) the next writes wait for it
+    to end, for at most ``max_wait`` seconds (0.1), so that a publish meets as little of
+    other volumes' work as possible while no rotation is held up for long. A publish's own
+    first write never goes through the lane.
+    """
+
+    __slots__ = ("_idle", "_turns", "max_wait", "per_turn", "publishing")
+
+    def __init__(self, *, per_turn: int = 3, max_wait: float = 0.1) -> None:
+        if per_turn < 1:
+            raise ValueError(f"per_turn must be 1 or more, not {per_turn}")
+        if not max_wait >= 0:
+            raise ValueError(f"max_wait must be 0 or more seconds, not {max_wait}")
+        self.per_turn = per_turn
+        self.max_wait = max_wait
+        self.publishing = 0
+        self._turns = trio.Semaphore(per_turn)
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def publish_started(self) -> None:
+        self.publishing += 1
+        if self.publishing == 1:
+            self._idle = trio.Event()
+
+    def publish_ended(self) -> None:
+        self.publishing -= 1
+        if self.publishing == 0:
+            self._idle.set()
+
+    async def __aenter__(self) -> None:
+        await self._turns.acquire()
+        try:
+            if self.publishing:
+                with trio.move_on_after(self.max_wait):
+                    await self._idle.wait()
+        except BaseException:
+            self._turns.release()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._turns.release()
 
 
 class Phase(enum.Enum):
@@ -233,6 +284,7 @@ class Volume:
         "_now",
         "_problems",
         "_retry",
+        "_rewrites",
         "_serving",
         "_socket_server",
         "_written_digest",
@@ -240,6 +292,7 @@ class Volume:
         "finished",
         "plan",
         "state",
+        "trace",
         "x509",
     )
 
@@ -252,8 +305,10 @@ class Volume:
         now: Callable[[], float] = time.time,
         retry: BackoffPolicy = AGENT_RETRY,
         socket_server: SocketServer | None = None,
+        rewrites: RewriteLane | None = None,
     ) -> None:
         self.plan = plan
+        self._rewrites = rewrites
         self._agent = agent
         self._metrics = metrics
         self._now = now
@@ -276,6 +331,8 @@ class Volume:
         """Digest of the files last written: a bundle update that changes nothing for this
         volume writes nothing (and holds no copy of the files in memory)."""
         self._dirty = trio.Event()
+        self.trace: PublishTrace | None = None
+        """The publish waiting for this volume's first files, if any: its phases are marked."""
 
     # Lifecycle -----------------------------------------------------------
 
@@ -285,7 +342,7 @@ class Volume:
         try:
             with self.cancel_scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._supervise, "svid", self._svid_loop)
+                    nursery.start_soon(self._supervise, "writer", self._write_loop)
                     for audiences in spec.jwt_audiences:
                         loop = functools.partial(self._jwt_loop, audiences)
                         nursery.start_soon(self._supervise, _jwt_task(audiences), loop)
@@ -294,7 +351,8 @@ class Volume:
                     if spec.workload_api and self._socket_server is not None:
                         server = functools.partial(self._socket_server, self, self._served)
                         nursery.start_soon(self._supervise, "socket", server)
-                    await self._supervise("writer", self._write_loop)
+                    # In this task: the subscription starts now, not at the next turn.
+                    await self._supervise("svid", self._svid_loop)
         finally:
             self.state.value = VolumeState(Phase.STOPPED, None, self.state.value.written, None)
             self.finished.set()
@@ -362,6 +420,7 @@ class Volume:
         while True:
             try:
                 async with self._agent.x509_svids(self.plan.selectors) as updates:
+                    self._mark("subscribe")
                     async for update in updates:
                         backoff.reset()
                         self._on_svids(update)
@@ -384,10 +443,13 @@ class Volume:
             else:
                 self._report("svid", Problem.of(update))
             return
+        self._mark("first_svid")
         self._problems.pop("entitlement", None)
         self._report("svid", None)
         self.x509.value = update
-        self._dirty.set()
+        # A publish waits for these files: write them now rather than at the writer's turn.
+        if self.trace is None or not self._write_if_complete():
+            self._dirty.set()
 
     async def _jwt_loop(self, audiences: tuple[str, ...]) -> None:
         task = _jwt_task(audiences)
@@ -427,8 +489,14 @@ class Volume:
         backoff = self._retry.new()
         while True:
             await self._dirty.wait()
-            self._dirty = trio.Event()
-            if self._write_if_complete():
+            if self._rewrites is not None and self.trace is None:
+                async with self._rewrites:
+                    self._dirty = trio.Event()
+                    written = self._write_if_complete()
+            else:
+                self._dirty = trio.Event()
+                written = self._write_if_complete()
+            if written:
                 backoff.reset()
             else:
                 await trio.sleep(backoff.next())
@@ -453,14 +521,20 @@ class Volume:
         except RenderError as exc:
             self._report("files", Problem(ProblemKind.LAYOUT, exc.message))
             return True
+        self._mark("render")
         digest = _digest(files)
         if digest == self._written_digest:
             self._report("files", None)
             return True
         started = time.perf_counter()
         try:
+            plan = self.plan
             write_atomically(
-                self.plan.data_dir, files, gid=spec.gid, selinux_context=self.plan.selinux_context
+                plan.data_dir,
+                files,
+                gid=spec.gid,
+                selinux_context=plan.selinux_context,
+                fsync=plan.fsync,
             )
         except OSError as exc:
             self._metrics.errors_total.labels(kind="write_failed").inc()
@@ -473,12 +547,16 @@ class Volume:
                 ),
             )
             return False
+        self._mark("write")
         previous = self.state.value.written
         if previous is not None and leaf.expires_at != previous.expires_at:
             self._metrics.svid_rotations_total.inc()
         self._written_digest = digest
-        not_before = x509.load_der_x509_certificate(leaf.cert_chain[0]).not_valid_before_utc
-        written = Written(leaf.spiffe_id, not_before.timestamp(), float(leaf.expires_at))
+        not_before = leaf.not_before
+        if not_before is None:  # an SVID that did not come through validation (tests)
+            cert = x509.load_der_x509_certificate(leaf.cert_chain[0])
+            not_before = int(cert.not_valid_before_utc.timestamp())
+        written = Written(leaf.spiffe_id, float(not_before), float(leaf.expires_at))
         self._report("files", None, written=written)
         log.event(
             logger,
@@ -493,6 +571,10 @@ class Volume:
         return True
 
     # State -----------------------------------------------------------------
+
+    def _mark(self, phase: str) -> None:
+        if self.trace is not None:
+            self.trace.mark(phase)
 
     def _report(
         self, task: str, problem: Problem | None, *, written: Written | None = None
@@ -585,6 +667,7 @@ __all__ = [
     "Phase",
     "Problem",
     "ProblemKind",
+    "RewriteLane",
     "SocketServer",
     "Volume",
     "VolumeState",
