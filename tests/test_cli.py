@@ -341,7 +341,10 @@ def test_every_command_shows_its_defaults(
 @pytest.mark.parametrize(
     ("command", "absent"),
     [
-        (("healthcheck", "--url", "http://127.0.0.1:1/healthz"), ("metrics", "devagent", "demo")),
+        (
+            ("healthcheck", "--url", "http://127.0.0.1:1/healthz"),
+            ("metrics", "devagent", "demo", "grpc._protocol"),
+        ),
         (("csi", "--endpoint", "unix:///nonexistent/csi.sock", "probe"), ("devagent", "demo")),
     ],
 )
@@ -349,7 +352,8 @@ def test_the_probes_import_only_what_they_use(
     command: tuple[str, ...], absent: tuple[str, ...]
 ) -> None:
     """csi probe and healthcheck are liveness probes: they must start fast, so neither
-    imports the dev agent (cryptography), the demo, or prometheus-client for healthcheck."""
+    imports the dev agent (cryptography), the demo, or, for healthcheck, prometheus-client
+    and the gRPC engine."""
     script = (
         "import sys\n"
         "from trio_spirecsi.cli import main\n"

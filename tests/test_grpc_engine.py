@@ -53,6 +53,7 @@ def test_importing_the_package_leaves_h2_as_shipped() -> None:
             )
 
         import trio_spirecsi.grpc
+        trio_spirecsi.grpc.Server, trio_spirecsi.grpc.open_channel  # load the engine
         import purerpc  # already loaded through trio_spirecsi.grpc: no second patch
         print("after import:", untouched())
         from purerpc.grpclib._h2_monkeypatch import apply_patch

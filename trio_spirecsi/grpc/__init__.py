@@ -34,37 +34,46 @@ each such failure with one of these kinds (:data:`ERROR_KINDS`):
 Orderly closes (peer hung up, idle timeout, shutdown) are no error and are not reported.
 """
 
-from ._protocol import (
-    BAD_STREAM,
-    FLOOD,
-    HANDSHAKE_TIMEOUT,
-    INTERNAL_ERROR,
-    LIMIT_EXCEEDED,
-    MESSAGE_TOO_LARGE,
-    PROTOCOL_ERROR,
-    SLOW_READER,
-    STREAM_REFUSED,
-    TOO_MANY_CONNECTIONS,
-)
-from .client import Channel, ResponseStream, open_channel
-from .limits import ClientLimits, ServerLimits
-from .methods import Method
-from .server import PeerCredentials, Server, ServerContext, StreamSender
-from .status import RpcError, StatusCode
+from __future__ import annotations
 
-ERROR_KINDS = (
-    PROTOCOL_ERROR,
-    LIMIT_EXCEEDED,
-    FLOOD,
-    SLOW_READER,
-    HANDSHAKE_TIMEOUT,
-    TOO_MANY_CONNECTIONS,
-    INTERNAL_ERROR,
-    STREAM_REFUSED,
-    MESSAGE_TOO_LARGE,
-    BAD_STREAM,
-)
-"""Every ``kind`` an ``on_error`` hook may receive."""
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._protocol import ERROR_KINDS
+    from .client import Channel, ResponseStream, open_channel
+    from .limits import ClientLimits, ServerLimits
+    from .methods import Method
+    from .server import PeerCredentials, Server, ServerContext, StreamSender
+    from .status import RpcError, StatusCode
+
+# Imported on first use, so that a command that needs only the limits or the status codes
+# (the command line's flags, a health check) does not load the engine.
+_WHERE = {
+    "ERROR_KINDS": "._protocol",
+    "Channel": ".client",
+    "ResponseStream": ".client",
+    "open_channel": ".client",
+    "ClientLimits": ".limits",
+    "ServerLimits": ".limits",
+    "Method": ".methods",
+    "PeerCredentials": ".server",
+    "Server": ".server",
+    "ServerContext": ".server",
+    "StreamSender": ".server",
+    "RpcError": ".status",
+    "StatusCode": ".status",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ERROR_KINDS",

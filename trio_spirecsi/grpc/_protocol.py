@@ -71,6 +71,19 @@ INTERNAL_ERROR = "grpc_internal_error"
 STREAM_REFUSED = "grpc_stream_refused"
 MESSAGE_TOO_LARGE = "grpc_message_too_large"
 BAD_STREAM = "grpc_bad_stream"
+ERROR_KINDS = (
+    PROTOCOL_ERROR,
+    LIMIT_EXCEEDED,
+    FLOOD,
+    SLOW_READER,
+    HANDSHAKE_TIMEOUT,
+    TOO_MANY_CONNECTIONS,
+    INTERNAL_ERROR,
+    STREAM_REFUSED,
+    MESSAGE_TOO_LARGE,
+    BAD_STREAM,
+)
+"""Every ``kind`` an ``on_error`` hook may receive."""
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DEFAULT_WINDOW = 65_535
