@@ -38,7 +38,7 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -50,7 +50,7 @@ from .. import log
 from ..errors import RenderError
 from ..metrics import Metrics
 from ..render import render_files, select_svids
-from ..spire.agent import AgentError, AgentProblem, AgentStatus, Outcome, SvidUpdates
+from ..spire.agent import AgentError, AgentProblem, AgentStatus, Outcome
 from ..spire.backoff import AGENT_RETRY, BackoffPolicy
 from ..spire.responses import JwtBundles, JwtSvid, X509Bundles, X509Update
 from ..spire.selectors import Selector
@@ -75,7 +75,10 @@ class Agent(Protocol):
 
     def x509_svids(
         self, selectors: Sequence[Selector]
-    ) -> AbstractAsyncContextManager[SvidUpdates]: ...
+    ) -> AbstractAsyncContextManager[AsyncIterator[X509Update | AgentProblem]]:
+        """The pod's SVID updates while the block runs (see
+        :meth:`~trio_spirecsi.spire.agent.AgentClient.x509_svids`)."""
+        ...
 
     async def jwt_svids(
         self, selectors: Sequence[Selector], audiences: Sequence[str], *, timeout: float = ...
