@@ -210,7 +210,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "trio_spirecsi/volumes/volume.py",
         (
             (
-                "            await trio.sleep(max(svid.issued_at + lifetime / 2 - self._now(), 1.0))",  # noqa: E501
+                "            await self._until_identity_moves(delay, svid.spiffe_id)",
                 "            await trio.sleep_forever()",
             ),
         ),

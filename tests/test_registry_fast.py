@@ -466,6 +466,31 @@ async def test_jwt_svid_is_refreshed_before_it_expires(autojump_clock: MockClock
             assert isinstance(expires, int) and expires > node.now(), "the token has expired"
 
 
+async def test_jwt_svid_follows_the_identity_the_x509_files_switch_to(
+    autojump_clock: MockClock,
+) -> None:
+    """Two entries match the pod; the first is removed: the X.509 files switch to the second
+    identity at once, and so does the JWT-SVID, long before its half-life."""
+    now = fake_clock()
+    first = Entry("spiffe://example.org/web", frozenset({("k8s", "sa:web")}))
+    second = Entry("spiffe://example.org/web-0", frozenset({("k8s", "pod-name:web-0")}))
+    agent = FakeAgent(now=now, entries=[first, second], jwt_ttl=300)
+    async with fast_node(agent) as node:
+        _, target = await published(node, attributes={"csi.spire.io/jwt-audiences": "api"})
+        folder = node.seen(target)
+        assert folder is not None
+
+        def token_subject() -> object:
+            return _jwt_claims((folder / "jwt_svid.token").read_text())["sub"]
+
+        assert seen_identity(node, target).spiffe_id == token_subject() == first.spiffe_id
+        agent.revoke(first.spiffe_id)
+        await eventually(
+            lambda: seen_identity(node, target).spiffe_id == second.spiffe_id, "X.509 switched"
+        )
+        await eventually(lambda: token_subject() == second.spiffe_id, "JWT switched", timeout=5)
+
+
 def _jwt_claims(token: str) -> dict[str, object]:
     part = token.split(".")[1]
     claims = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))

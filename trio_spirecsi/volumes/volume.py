@@ -52,7 +52,7 @@ from ..metrics import Metrics
 from ..render import render_files, select_svids
 from ..spire.agent import AgentError, AgentProblem, AgentStatus, Outcome
 from ..spire.backoff import AGENT_RETRY, BackoffPolicy
-from ..spire.responses import JwtBundles, JwtSvid, X509Bundles, X509Update
+from ..spire.responses import X509SVID, JwtBundles, JwtSvid, X509Bundles, X509Update
 from ..spire.selectors import Selector
 from ..storage.writer import FileContent, write_atomically
 from ..watched import Observable, Watched
@@ -409,7 +409,27 @@ class Volume:
             backoff.reset()
             # Refresh at half-life: an agent returns its cached token until then.
             lifetime = max(svid.expires_at - svid.issued_at, 2.0)
-            await trio.sleep(max(svid.issued_at + lifetime / 2 - self._now(), 1.0))
+            delay = max(svid.issued_at + lifetime / 2 - self._now(), 1.0)
+            await self._until_identity_moves(delay, svid.spiffe_id)
+
+    async def _until_identity_moves(self, seconds: float, issued: str) -> None:
+        """Sleep ``seconds``, or less if the X.509 identity the volume chooses changes to
+        one that is neither ``issued`` nor the one it chooses now (an entry was removed):
+        the JWT-SVID then follows, and the volume's files keep agreeing on one identity."""
+        before = self._chosen_id(self.x509.value)
+
+        def moved(update: X509Update | None) -> bool:
+            return self._chosen_id(update) not in (before, issued)
+
+        with trio.move_on_after(seconds):
+            await self.x509.wait_value(moved)
+
+    def _chosen_id(self, update: X509Update | None) -> str | None:
+        """The SPIFFE ID of the X.509-SVID the volume chooses from ``update``, if any."""
+        if update is None:
+            return None
+        chosen = self.plan.spec.preference.first(update.svids, _hint_and_id)
+        return chosen.spiffe_id if chosen is not None else None
 
     # Files ---------------------------------------------------------------
 
@@ -533,7 +553,7 @@ def _jwt_task(audiences: tuple[str, ...]) -> str:
     return "jwt " + ",".join(audiences)
 
 
-def _hint_and_id(svid: JwtSvid) -> tuple[str, str]:
+def _hint_and_id(svid: JwtSvid | X509SVID) -> tuple[str, str]:
     return svid.hint, svid.spiffe_id
 
 
