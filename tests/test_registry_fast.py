@@ -2,8 +2,8 @@
 observe, each test named by the behaviour it pins.
 
 Everything real but the agent and the mounts (see :mod:`tests.fast_node`): no root, and
-backoff, publish timeouts, SVID lifetimes and JWT half-lives pass under
-``trio.testing.MockClock``. Each test takes well under a second, so a broken copy of the
+backoff, publish timeouts, SVID lifetimes and JWT half-lives pass in virtual time
+(:func:`~tests.fast_node.fast_clock`). Each test takes well under a second, so a broken copy of the
 code fails here in seconds (``just mutants`` runs them against deliberately broken copies,
 see CONTRIBUTING.md). What only real mounts, real processes and the real wire can show
 stays in the root suite (test_driver.py, test_restart.py, test_state_machine.py).
@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 from cryptography import x509
 from trio.testing import MockClock
@@ -30,6 +31,7 @@ from tests.fast_node import (
     PUBLISH_TIMEOUT,
     FastNode,
     fake_clock,
+    fast_clock,
     fast_folder,
     open_fast_node,
 )
@@ -46,6 +48,12 @@ from trio_spirecsi.spire.backoff import AGENT_RETRY, Backoff
 FS_GROUP = 4321 if os.geteuid() == 0 else os.getegid()
 """A group the files can be given: any as root, our own otherwise."""
 PRIVATE_KEY = b"PRIVATE KEY-----"
+
+
+@pytest.fixture(name="fast_clock")
+def fast_clock_fixture() -> MockClock:
+    """Virtual time for the test (pytest-trio runs a test under a Clock it asks for)."""
+    return fast_clock()
 
 
 @asynccontextmanager
@@ -101,7 +109,7 @@ def test_backoff_grows_to_its_cap_and_never_beyond() -> None:
 
 
 async def test_an_unreachable_agent_is_retried_with_backoff_not_in_a_loop(
-    autojump_clock: MockClock,
+    fast_clock: MockClock,
 ) -> None:
     """An agent outage costs a few calls per volume per minute, never a hot loop."""
     async with fast_node() as node:
@@ -116,7 +124,7 @@ async def test_an_unreachable_agent_is_retried_with_backoff_not_in_a_loop(
 
 
 async def test_the_agent_client_retries_an_unreachable_socket_with_backoff(
-    autojump_clock: MockClock, tmp_path: Path
+    fast_clock: MockClock, tmp_path: Path
 ) -> None:
     """The shared bundle stream to a missing admin socket: a warning per retry, a few per
     minute, not thousands per second."""
@@ -147,7 +155,7 @@ async def test_the_agent_client_retries_an_unreachable_socket_with_backoff(
 
 
 async def test_a_volume_resubscribes_within_the_backoff_cap_after_a_long_outage(
-    autojump_clock: MockClock,
+    fast_clock: MockClock,
 ) -> None:
     async with fast_node() as node:
         await published(node)
@@ -184,7 +192,7 @@ async def fetch_x509_svid(data_dir: Path, socket: str = "agent.sock") -> wl.X509
 
 
 async def test_each_pods_socket_serves_its_own_identity_when_pods_share_a_service_account(
-    autojump_clock: MockClock,
+    fast_clock: MockClock,
 ) -> None:
     now = fake_clock()
     agent = FakeAgent(now=now, template="spiffe://{td}/ns/{ns}/sa/{sa}/pod/{pod_name}")
@@ -207,7 +215,7 @@ async def test_each_pods_socket_serves_its_own_identity_when_pods_share_a_servic
 # VOLUME_CONDITION -------------------------------------------------------------------------
 
 
-async def test_condition_stays_normal_while_the_agent_renews(autojump_clock: MockClock) -> None:
+async def test_condition_stays_normal_while_the_agent_renews(fast_clock: MockClock) -> None:
     async with fast_node() as node:
         _, target = await published(node)
         first = seen_identity(node, target).serial
@@ -219,7 +227,7 @@ async def test_condition_stays_normal_while_the_agent_renews(autojump_clock: Moc
 
 
 async def test_condition_reports_an_svid_nobody_renews_while_the_agent_is_down(
-    autojump_clock: MockClock,
+    fast_clock: MockClock,
 ) -> None:
     async with fast_node() as node:
         _, target = await published(node)
@@ -234,7 +242,7 @@ async def test_condition_reports_an_svid_nobody_renews_while_the_agent_is_down(
 
 
 async def test_condition_reports_an_svid_the_agent_stopped_renewing(
-    autojump_clock: MockClock,
+    fast_clock: MockClock,
 ) -> None:
     """The agent answers but does not renew (cut off from its server): abnormal past 90%."""
     async with fast_node() as node:
@@ -248,7 +256,7 @@ async def test_condition_reports_an_svid_the_agent_stopped_renewing(
         assert abnormal and "has not been renewed" in message, message
 
 
-async def test_condition_reports_an_expired_svid(autojump_clock: MockClock) -> None:
+async def test_condition_reports_an_expired_svid(fast_clock: MockClock) -> None:
     async with fast_node() as node:
         _, target = await published(node)
         node.agent.go_down()
@@ -257,11 +265,32 @@ async def test_condition_reports_an_expired_svid(autojump_clock: MockClock) -> N
         assert abnormal and "expired at" in message, message
 
 
+async def test_a_volume_resumed_while_the_agent_is_down_reports_the_svid_its_files_hold(
+    fast_clock: MockClock,
+) -> None:
+    """After a driver restart the files are still valid: the condition stays normal until
+    the SVID nears expiry, as it would have without the restart."""
+    async with fast_node() as node:
+        _, target = await published(node)
+        spiffe_id = seen_identity(node, target).spiffe_id
+        await node.stop_driver()
+        node.agent.go_down()
+        await node.start_driver()
+        abnormal, message = condition(await node.stats("csi-1", target))
+        assert not abnormal and spiffe_id in message, message
+        await trio.sleep(node.agent.svid_ttl * 0.8)
+        abnormal, message = condition(await node.stats("csi-1", target))
+        assert abnormal and "has not been renewed" in message, message
+        await trio.sleep(node.agent.svid_ttl * 0.3)
+        abnormal, message = condition(await node.stats("csi-1", target))
+        assert abnormal and "expired at" in message, message
+
+
 # Republish and unpublish -------------------------------------------------------------------
 
 
 async def test_publishing_again_remounts_a_target_that_lost_its_mount(
-    autojump_clock: MockClock,
+    fast_clock: MockClock,
 ) -> None:
     async with fast_node() as node:
         pod, target = await published(node)
@@ -274,7 +303,7 @@ async def test_publishing_again_remounts_a_target_that_lost_its_mount(
 
 
 async def test_publishing_the_same_volume_id_at_another_target_is_already_exists(
-    autojump_clock: MockClock,
+    fast_clock: MockClock,
 ) -> None:
     async with fast_node() as node:
         pod, target = await published(node)
@@ -288,7 +317,7 @@ async def test_publishing_the_same_volume_id_at_another_target_is_already_exists
 
 
 async def test_unpublish_at_another_target_tears_down_the_published_one(
-    autojump_clock: MockClock,
+    fast_clock: MockClock,
 ) -> None:
     async with fast_node() as node:
         pod, _ = await published(node)
@@ -299,7 +328,7 @@ async def test_unpublish_at_another_target_tears_down_the_published_one(
 
 
 async def test_unpublish_closes_the_agent_stream_and_leaves_nothing(
-    autojump_clock: MockClock,
+    fast_clock: MockClock,
 ) -> None:
     async with fast_node() as node:
         _, target = await published(node, attributes={"csi.spire.io/jwt-audiences": "api"})
@@ -314,7 +343,7 @@ async def test_unpublish_closes_the_agent_stream_and_leaves_nothing(
         assert node.agent.calls.value == calls, "the volume still calls the agent"
 
 
-async def test_a_cancelled_publish_leaves_nothing_behind(autojump_clock: MockClock) -> None:
+async def test_a_cancelled_publish_leaves_nothing_behind(fast_clock: MockClock) -> None:
     """The kubelet gives up on a publish (its deadline): stream, files and mount go."""
     async with fast_node() as node:
         node.agent.go_down()
@@ -330,7 +359,7 @@ async def test_a_cancelled_publish_leaves_nothing_behind(autojump_clock: MockClo
 
 
 async def test_concurrent_publishes_of_one_volume_id_publish_it_once(
-    autojump_clock: MockClock,
+    fast_clock: MockClock,
 ) -> None:
     async with fast_node() as node:
         pod = node.pod()
@@ -351,7 +380,7 @@ async def test_concurrent_publishes_of_one_volume_id_publish_it_once(
 # What the files hold ---------------------------------------------------------------------
 
 
-async def test_a_rotation_reaches_the_files_and_is_counted(autojump_clock: MockClock) -> None:
+async def test_a_rotation_reaches_the_files_and_is_counted(fast_clock: MockClock) -> None:
     async with fast_node() as node:
         _, target = await published(node)
         before = seen_identity(node, target).serial
@@ -368,7 +397,7 @@ async def test_a_rotation_reaches_the_files_and_is_counted(autojump_clock: MockC
 
 
 async def test_a_rotation_never_changes_files_a_reader_already_opened(
-    autojump_clock: MockClock,
+    fast_clock: MockClock,
 ) -> None:
     """Readers that opened the folder before a rotation keep reading one complete
     generation: the writer never rewrites files in place."""
@@ -397,7 +426,7 @@ def _read_at(folder: int, name: str) -> bytes:
         return f.read()
 
 
-async def test_private_key_is_readable_by_the_owner_only(autojump_clock: MockClock) -> None:
+async def test_private_key_is_readable_by_the_owner_only(fast_clock: MockClock) -> None:
     async with fast_node() as node:
         _, target = await published(node, attributes={"csi.spire.io/jwt-audiences": "api"})
         folder = node.seen(target)
@@ -413,7 +442,7 @@ async def test_private_key_is_readable_by_the_owner_only(autojump_clock: MockClo
 
 
 async def test_fs_group_owns_the_files_and_opens_the_key_to_the_group(
-    autojump_clock: MockClock,
+    fast_clock: MockClock,
 ) -> None:
     async with fast_node() as node:
         _, target = await published(node, fs_group=str(FS_GROUP))
@@ -425,7 +454,7 @@ async def test_fs_group_owns_the_files_and_opens_the_key_to_the_group(
 
 
 async def test_the_agent_is_asked_with_every_selector_of_the_pod(
-    autojump_clock: MockClock,
+    fast_clock: MockClock,
 ) -> None:
     async with fast_node() as node:
         pod, _ = await published(node, attributes={"csi.spire.io/jwt-audiences": "api"})
@@ -442,7 +471,7 @@ async def test_the_agent_is_asked_with_every_selector_of_the_pod(
 
 
 async def test_an_entry_on_the_pod_uid_alone_gives_the_pod_its_identity(
-    autojump_clock: MockClock,
+    fast_clock: MockClock,
 ) -> None:
     now = fake_clock()
     pod = Pod("web-0", "default", "00000000-0000-4000-8000-00000000abcd", "web")
@@ -452,7 +481,7 @@ async def test_an_entry_on_the_pod_uid_alone_gives_the_pod_its_identity(
         assert seen_identity(node, target).spiffe_id == entry.spiffe_id
 
 
-async def test_jwt_svid_is_refreshed_before_it_expires(autojump_clock: MockClock) -> None:
+async def test_jwt_svid_is_refreshed_before_it_expires(fast_clock: MockClock) -> None:
     async with fast_node() as node:
         _, target = await published(node, attributes={"csi.spire.io/jwt-audiences": "api"})
         for _ in range(6):
@@ -467,7 +496,7 @@ async def test_jwt_svid_is_refreshed_before_it_expires(autojump_clock: MockClock
 
 
 async def test_jwt_svid_follows_the_identity_the_x509_files_switch_to(
-    autojump_clock: MockClock,
+    fast_clock: MockClock,
 ) -> None:
     """Two entries match the pod; the first is removed: the X.509 files switch to the second
     identity at once, and so does the JWT-SVID, long before its half-life."""
@@ -498,7 +527,7 @@ def _jwt_claims(token: str) -> dict[str, object]:
     return claims
 
 
-async def test_only_federated_trust_domains_get_bundle_files(autojump_clock: MockClock) -> None:
+async def test_only_federated_trust_domains_get_bundle_files(fast_clock: MockClock) -> None:
     now = fake_clock()
     web = Entry(
         "spiffe://example.org/web",
@@ -520,7 +549,7 @@ async def test_only_federated_trust_domains_get_bundle_files(autojump_clock: Moc
 
 
 async def test_a_restart_resumes_volumes_and_removes_folders_without_metadata(
-    autojump_clock: MockClock,
+    fast_clock: MockClock,
 ) -> None:
     async with fast_node() as node:
         _, target = await published(node)

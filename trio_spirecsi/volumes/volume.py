@@ -16,9 +16,11 @@ STOPPED       :meth:`Volume.stop` has returned: no task runs, nothing writes aga
 
 ``problem`` is the most important of the problems the volume's tasks report (each task
 clears its own once it succeeds again); ``written`` is set by the first complete write and
-never cleared. What the kubelet hears follows from the state alone: NodePublishVolume
-succeeds once ``written`` is set (see ``Registry``) and VOLUME_CONDITION is
-:meth:`VolumeState.condition`.
+never cleared. A volume resumed after a driver restart starts CURRENT, ``written`` describing
+the files a previous driver left (the writer only ever points ``..data`` at a whole
+generation), so its condition follows the SVID the pod has, not the restart. What the kubelet
+hears follows from the state alone: NodePublishVolume succeeds once ``written`` is set (see
+``Registry``) and VOLUME_CONDITION is :meth:`VolumeState.condition`.
 
 Containment: every task of the volume (SVID subscription, JWT refreshers, writer, per-pod
 socket) runs under :meth:`Volume._supervise`. An exception other than cancellation is logged
@@ -47,14 +49,22 @@ import trio
 from cryptography import x509
 
 from .. import log
+from ..attributes import CREDENTIAL_BUNDLE_FILE
 from ..errors import RenderError
 from ..metrics import Metrics
 from ..render import render_files, select_svids
 from ..spire.agent import AgentError, AgentProblem, AgentStatus, Outcome
 from ..spire.backoff import AGENT_RETRY, BackoffPolicy
-from ..spire.responses import X509SVID, JwtBundles, JwtSvid, X509Bundles, X509Update
+from ..spire.responses import (
+    CRYPTO_ERRORS,
+    X509SVID,
+    JwtBundles,
+    JwtSvid,
+    X509Bundles,
+    X509Update,
+)
 from ..spire.selectors import Selector
-from ..storage.writer import FileContent, write_atomically
+from ..storage.writer import DATA_LINK, FileContent, write_atomically
 from ..watched import Observable, Watched
 from .plan import VolumePlan
 
@@ -259,7 +269,7 @@ class Volume:
         self._socket_server = socket_server
         self.cancel_scope = trio.CancelScope()
         self.finished = trio.Event()
-        self.state: Watched[VolumeState] = Watched(_STARTING)
+        self.state: Watched[VolumeState] = Watched(_on_disk(plan))
         self.x509: Watched[X509Update | None] = Watched(None)
         """The agent's latest SVID set for this pod (all SVIDs, before selection)."""
         self._jwt: dict[tuple[str, ...], JwtSvid] = {}
@@ -543,6 +553,25 @@ class Volume:
         """When the SVID the files hold expires (0 before the first write)."""
         written = self.state.value.written
         return written.expires_at if written is not None else 0.0
+
+
+def _on_disk(plan: VolumePlan) -> VolumeState:
+    """The state of a volume whose folder may already hold a complete set of files."""
+    spec = plan.spec
+    name = CREDENTIAL_BUNDLE_FILE if spec.layout == "spiffe-fs" else spec.svid_file
+    try:
+        pem = (plan.data_dir / DATA_LINK / name).read_bytes()
+        leaf = x509.load_pem_x509_certificates(pem)[0]
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        spiffe_id = san.get_values_for_type(x509.UniformResourceIdentifier)[0]
+        written = Written(
+            spiffe_id,
+            leaf.not_valid_before_utc.timestamp(),
+            leaf.not_valid_after_utc.timestamp(),
+        )
+    except (OSError, IndexError, x509.ExtensionNotFound, *CRYPTO_ERRORS):
+        return _STARTING
+    return VolumeState(Phase.CURRENT, None, written)
 
 
 def _rank(problem: Problem) -> int:
