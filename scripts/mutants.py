@@ -289,7 +289,9 @@ def apply(mutant: Mutant, tree: Path) -> None:
 
 def run_tests(tree: Path, tests: Sequence[str], timeout: float) -> Outcome:
     """Run ``tests`` in ``tree`` (its code first on the path); caught = they failed."""
-    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1")
+    env = dict(
+        os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1", HYPOTHESIS_PROFILE="mutants"
+    )
     argv = [sys.executable, "-m", "pytest", "-q", "-x", "--tb=short", "-p", "no:cacheprovider"]
     argv += tests
     started = time.monotonic()
@@ -367,6 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(row, flush=True)
             if args.why:
                 print(f"    {outcome.detail[:300]}", flush=True)
+                if args.machine:
+                    print(f"    machine: {machine.detail[:300]}", flush=True)
             if survived:
                 survivors.append(mutant.name)
             shutil.rmtree(tree)

@@ -2,10 +2,10 @@
 per-pod socket server, with the agent (:class:`~tests.fakes.FakeAgent`) and the mounts
 (:class:`~tests.fakes.MemoryMounter`) in memory. No root, no agent process, no CSI wire.
 
-Run it under ``trio.testing.MockClock(autojump_threshold=0)`` (pytest-trio's
-``autojump_clock`` fixture): the driver's clock, backoff and publish timeout, and the dates
-on every certificate and token, are then virtual, so an hour of SVID lifetime, a 30 s
-backoff or a publish timeout cost nothing, and every run of one test schedules alike.
+Run it under :func:`fast_clock` (``MockClock(autojump_threshold=0)`` that waits for worker
+threads; tests take the ``fast_clock`` fixture): the driver's clock, backoff and publish
+timeout, and the dates on every certificate and token, are then virtual, so an hour of SVID
+lifetime, a 30 s backoff or a publish timeout cost nothing.
 
 Kubelet calls go through the same handlers the CSI server runs (validation, the error ->
 status mapping) and come back as the status the kubelet would get: None for OK, or the
@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
+import trio.testing
+from trio.testing import MockClock
 
 from tests.fakes import Clock, FakeAgent, MemoryMounter
 from trio_spirecsi._proto.csi.v1 import csi_pb2 as csi
@@ -47,6 +49,38 @@ EPOCH = 1_800_000_000.0
 NODE_ID = "node-a"
 PUBLISH_TIMEOUT = 10.0
 """The driver's --publish-timeout here (virtual seconds)."""
+
+
+def _may_chown_anywhere() -> bool:
+    """Whether this process may give its files any group (CAP_CHOWN, as root normally)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) & 1)
+    return False
+
+
+FS_GROUP = 4321 if _may_chown_anywhere() else os.getegid()
+"""A group the driver can give the volume's files: any one with CAP_CHOWN, our own without."""
+
+
+def fast_clock() -> MockClock:
+    """``MockClock(autojump_threshold=0)`` that never jumps while a worker thread runs.
+
+    Trio binds unix sockets (the per-pod socket) in a worker thread. With a plain autojump
+    clock the loop is idle while the thread works, so virtual time races ahead by every
+    pending timeout (backoffs, publish timeouts) before the bind returns: a millisecond of
+    real work would look like minutes to the driver. MockClock cannot be subclassed, so its
+    jump is wrapped on the instance.
+    """
+    clock = MockClock(autojump_threshold=0)
+    jump = clock._autojump
+
+    def autojump() -> None:
+        if trio.testing.active_thread_count() == 0:
+            jump()
+
+    clock._autojump = autojump  # type: ignore[method-assign]
+    return clock
 
 
 def fake_clock(epoch: float = EPOCH) -> Clock:

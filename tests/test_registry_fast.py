@@ -28,6 +28,7 @@ from trio.testing import MockClock
 
 from tests.fakes import FakeAgent
 from tests.fast_node import (
+    FS_GROUP,
     PUBLISH_TIMEOUT,
     FastNode,
     fake_clock,
@@ -45,8 +46,6 @@ from trio_spirecsi.metrics import Metrics
 from trio_spirecsi.spire.agent import AgentClient
 from trio_spirecsi.spire.backoff import AGENT_RETRY, Backoff
 
-FS_GROUP = 4321 if os.geteuid() == 0 else os.getegid()
-"""A group the files can be given: any as root, our own otherwise."""
 PRIVATE_KEY = b"PRIVATE KEY-----"
 
 
