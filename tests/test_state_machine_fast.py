@@ -20,8 +20,9 @@ interactions within one family are likely:
   revoked and restored, the agent down and up again (or down for a while: an outage),
   refusing and accepting the driver, no longer renewing (cut off from its server) and
   renewing again;
-- time: from half a second to most of an SVID's lifetime (SVIDs live 600 s, JWT-SVIDs 120 s),
-  so SVIDs near expiry, expired SVIDs and JWT half-lives all happen;
+- time: from half a second to more than an SVID's lifetime (SVIDs live 600 s, JWT-SVIDs
+  120 s), or until the oldest SVID is at 80%, 95% or 105% of its life, so SVIDs near expiry,
+  expired SVIDs and JWT half-lives all happen;
 - the driver: a restart (a new registry on the same state folder, which resumes), with a
   folder without metadata or a publish interrupted after its metadata left behind.
 
@@ -119,6 +120,11 @@ ACCOUNTS = ("web", "db")
 POD_NAMES = ("a", "b")
 SVID_TTL = 600
 JWT_TTL = 120
+ADVANCES = (0.5, 5.0, 30.0, 100.0, 250.0, 500.0, 560.0, 700.0)
+"""How long time passes in one step: from fresh, 500 s is past 75% of an SVID's life, 560 s
+past 90%, 700 s past its expiry."""
+MAX_VOLUMES = 12
+"""Volumes (published, failed or uncertain) the kubelet keeps at most: a node's worth."""
 SETTLE = AGENT_RETRY.maximum + 5.0
 """Virtual seconds a step may take to settle: the longest backoff, and a margin."""
 STEP_LIMIT = 3600.0
@@ -250,6 +256,8 @@ class Publish(Op):
     odd_id: bool = False
 
     async def apply(self, m: Machine) -> None:
+        if m.full:
+            return
         vol = m.new_volume(self.namespace, self.account, self.name, self.family, self.odd_id)
         error = await m.node.publish(m.request(vol))
         m.expect_publish(vol, error, m.expected_publish(vol))
@@ -394,6 +402,8 @@ class Concurrent(Op):
 
     async def apply(self, m: Machine) -> None:
         vol = None if self.fresh else m.pick(self.pick, "published")
+        if vol is None and m.full:
+            return
         if vol is None:
             vol = m.new_volume(
                 NAMESPACES[self.pick % 2], ACCOUNTS[self.pick // 2 % 2], "a", self.family, False
@@ -482,6 +492,8 @@ class CancelledPublish(Op):
     checkpoints: int
 
     async def apply(self, m: Machine) -> None:
+        if m.full:
+            return
         vol = m.new_volume(self.namespace, self.account, "a", self.family, False)
         answered: list[RpcError | None] = []
         scope = trio.CancelScope()
@@ -577,6 +589,23 @@ class Advance(Op):
 
 
 @dataclass(frozen=True)
+class Age(Op):
+    """Time passes until the oldest SVID a published volume holds is at ``fraction`` of its
+    life: just past 75% (no longer renewed, if the agent is away), past 90%, or expired."""
+
+    fraction: float
+
+    async def apply(self, m: Machine) -> None:
+        seen = [v.seen for v in m.volumes.values() if v.status == "published" and v.seen]
+        if not seen:
+            await trio.sleep(1)
+            return
+        oldest = min(seen, key=lambda s: s.not_before)
+        at = oldest.not_before + self.fraction * (oldest.not_after - oldest.not_before)
+        await trio.sleep(max(at - m.node.now(), 0.5))
+
+
+@dataclass(frozen=True)
 class Outage(Op):
     """The agent is down for a while (a restart, a crash loop), then serves again."""
 
@@ -603,7 +632,7 @@ class Restart(Op):
         await node.stop_driver()
         if self.damage == "orphan":
             (node.state_dir / f"csi-orphan-{m.next()}" / "data").mkdir(parents=True)
-        elif self.damage in ("metadata-only", "partial-data"):
+        elif self.damage in ("metadata-only", "partial-data") and not m.full:
             vol = m.new_volume(self.namespace, self.account, "a", "defaults", False)
             store = MetadataStore(node.state_dir)
             store.write(
@@ -630,9 +659,34 @@ class Restart(Op):
             vol.not_after = None
 
 
+KINDS = (
+    "publish",
+    "publish-refused",
+    "publish-again",
+    "publish-conflicting",
+    "retry-publish",
+    "unpublish",
+    "unpublish-again",
+    "concurrent",
+    "cancelled-publish",
+    "agent",
+    "revoke",
+    "restore",
+    "advance",
+    "outage",
+    "restart",
+)
+"""Kinds of operation; a program uses some of them (swarm testing, see :class:`Draw`)."""
+ALWAYS = ("publish", "agent", "advance")
+"""Kinds every program uses: volumes, an agent that changes, and time passing."""
+
+
 @functools.lru_cache
-def operations(families: tuple[str, ...] = tuple(sorted(FAMILIES))) -> st.SearchStrategy[Op]:
-    """Every operation (publish, unpublish and time weighted up), publishing ``families``."""
+def operations(
+    families: tuple[str, ...] = tuple(sorted(FAMILIES)), kinds: tuple[str, ...] = KINDS
+) -> st.SearchStrategy[Op]:
+    """Operations of ``kinds`` (publish, unpublish and time weighted up) that publish
+    ``families``."""
     ns, sa, name = (
         st.sampled_from(NAMESPACES),
         st.sampled_from(ACCOUNTS),
@@ -640,13 +694,6 @@ def operations(families: tuple[str, ...] = tuple(sorted(FAMILIES))) -> st.Search
     )
     family = st.sampled_from(families)
     pick = st.integers(0, 15)
-
-    def publish() -> st.SearchStrategy[Op]:
-        return st.builds(Publish, ns, sa, name, family, st.booleans())
-
-    def unpublish() -> st.SearchStrategy[Op]:
-        return st.builds(Unpublish, pick, st.sampled_from(["target", "target", "other"]))
-
     call = cast(
         st.SearchStrategy[Call],
         st.tuples(
@@ -654,40 +701,51 @@ def operations(families: tuple[str, ...] = tuple(sorted(FAMILIES))) -> st.Search
             st.sampled_from(["target", "other"]),
         ),
     )
-    return st.one_of(
-        publish(),
-        publish(),
-        publish(),
-        st.builds(PublishRefused, ns, sa, st.sampled_from(sorted(REFUSED))),
-        st.builds(PublishAgain, pick),
-        st.builds(PublishConflicting, pick, st.sampled_from(["attributes", "target"])),
-        st.builds(RetryPublish, pick),
-        unpublish(),
-        unpublish(),
-        st.builds(UnpublishAgain, pick),
-        st.builds(
-            Concurrent,
-            st.booleans(),
-            pick,
-            family,
-            st.lists(call, min_size=2, max_size=4).map(tuple),
-        ),
-        st.builds(CancelledPublish, ns, sa, family, st.integers(0, 40)),
-        st.builds(LoseMount, pick),
-        st.builds(AgentOp, st.sampled_from(get_args(AgentAction))),
-        st.builds(AgentOp, st.sampled_from(["down", "up", "rotate"])),
-        st.builds(Revoke, st.integers(0, len(IDENTITIES) - 1)),
-        st.builds(Restore, st.integers(0, len(IDENTITIES) - 1)),
-        st.builds(Advance, st.sampled_from([0.5, 5.0, 30.0, 100.0, 250.0, 400.0])),
-        st.builds(Advance, st.sampled_from([0.5, 5.0, 30.0, 100.0, 250.0, 400.0])),
-        st.builds(Outage, st.sampled_from([1.0, 20.0, 120.0, 300.0, 500.0])),
-        st.builds(
-            Restart,
-            st.sampled_from(["none", "none", "orphan", "metadata-only", "partial-data"]),
-            ns,
-            sa,
-        ),
-    )
+    by_kind: dict[str, list[st.SearchStrategy[Op]]] = {
+        "publish": [st.builds(Publish, ns, sa, name, family, st.booleans()) for _ in range(3)],
+        "publish-refused": [st.builds(PublishRefused, ns, sa, st.sampled_from(sorted(REFUSED)))],
+        "publish-again": [st.builds(PublishAgain, pick), st.builds(LoseMount, pick)],
+        "publish-conflicting": [
+            st.builds(PublishConflicting, pick, st.sampled_from(["attributes", "target"]))
+        ],
+        "retry-publish": [st.builds(RetryPublish, pick)],
+        "unpublish": [
+            st.builds(Unpublish, pick, st.sampled_from(["target", "target", "other"]))
+            for _ in range(2)
+        ],
+        "unpublish-again": [st.builds(UnpublishAgain, pick)],
+        "concurrent": [
+            st.builds(
+                Concurrent,
+                st.booleans(),
+                pick,
+                family,
+                st.lists(call, min_size=2, max_size=4).map(tuple),
+            )
+        ],
+        "cancelled-publish": [st.builds(CancelledPublish, ns, sa, family, st.integers(0, 40))],
+        "agent": [
+            st.builds(AgentOp, st.sampled_from(get_args(AgentAction))),
+            st.builds(AgentOp, st.sampled_from(["up", "accept", "renew", "rotate"])),
+        ],
+        "revoke": [st.builds(Revoke, st.integers(0, len(IDENTITIES) - 1))],
+        "restore": [st.builds(Restore, st.integers(0, len(IDENTITIES) - 1))],
+        "advance": [
+            st.builds(Advance, st.sampled_from(ADVANCES)),
+            st.builds(Advance, st.sampled_from(ADVANCES)),
+            st.builds(Age, st.sampled_from([0.8, 0.95, 1.05])),
+        ],
+        "outage": [st.builds(Outage, st.sampled_from([1.0, 20.0, 120.0, 300.0, 500.0]))],
+        "restart": [
+            st.builds(
+                Restart,
+                st.sampled_from(["none", "orphan", "metadata-only", "partial-data"]),
+                ns,
+                sa,
+            )
+        ],
+    }
+    return st.one_of([strategy for kind in kinds for strategy in by_kind[kind]])
 
 
 # The model ---------------------------------------------------------------------------------
@@ -774,6 +832,11 @@ class Machine:
     def next(self) -> int:
         self.serial += 1
         return self.serial
+
+    @property
+    def full(self) -> bool:
+        """The node has :data:`MAX_VOLUMES` volumes: new ones wait (keeps each step cheap)."""
+        return len(self.volumes) >= MAX_VOLUMES
 
     def new_volume(self, namespace: str, account: str, name: str, family: str, odd: bool) -> Vol:
         n = self.next()
@@ -865,8 +928,10 @@ class Machine:
             try:
                 await check()
                 return
+            except Failure:
+                raise
             except AssertionError as exc:
-                if isinstance(exc, Failure) or trio.current_time() >= deadline:
+                if trio.current_time() >= deadline:
                     raise Failure(f"{self.step}: not settled within {SETTLE:g}s: {exc}") from exc
             await trio.sleep(delay)
             delay = min(delay * 2, 1.0)
@@ -966,8 +1031,12 @@ class Machine:
         for audiences, name in family.jwt.items():
             claims = _jwt_claims((folder / name).read_text())
             assert claims["sub"] == entry.spiffe_id and claims["aud"] == list(audiences), claims
-            expires = claims["exp"]
-            assert isinstance(expires, int) and expires > now, f"{vol.volume_id}: {name} expired"
+            issued, expires = claims["iat"], claims["exp"]
+            assert isinstance(issued, int) and isinstance(expires, int), claims
+            assert expires > now, f"{vol.volume_id}: {name} expired"
+            # Refreshed at half-life (a second of slack for whole-second claims).
+            age = now - issued
+            assert age <= (expires - issued) / 2 + 1, f"{vol.volume_id}: {name} is {age:.0f}s old"
             mode = stat.S_IMODE(os.stat(folder / name).st_mode)
             assert mode == family.key_mode, f"{name} mode {mode:o}"
         if family.jwt_bundle_file is not None:
@@ -991,6 +1060,12 @@ class Machine:
                 vol.lost = vol.delivered
 
     async def check_conditions(self) -> None:
+        """VOLUME_CONDITION of every published volume, as the model expects it now.
+
+        Normal where abnormal is expected fails at once: waiting would only let time pass
+        until some other rule makes it abnormal. Abnormal where normal is expected may still
+        settle: a task that failed while the agent was away retries within its backoff.
+        """
         for vol in self.volumes.values():
             if vol.status != "published":
                 continue
@@ -1004,9 +1079,12 @@ class Machine:
             elapsed = (now - seen.not_before) / (seen.not_after - seen.not_before)
             served = self.served(vol)
             if now >= seen.not_after:
-                assert abnormal and "expired" in message, f"{vol.volume_id} expired: {message}"
+                if not abnormal or "expired" not in message:
+                    self.fail(f"{vol.volume_id}'s SVID expired, the condition says: {message}")
             elif vol.lost or vol.layout or elapsed > 0.9 or (not served and elapsed > 0.75):
-                assert abnormal, f"{vol.volume_id} at {elapsed:.0%} of its SVID's life: {message}"
+                if not abnormal:
+                    why = "lost" if vol.lost else "layout" if vol.layout else f"{elapsed:.0%}"
+                    self.fail(f"{vol.volume_id} ({why}) condition is normal: {message}")
             else:
                 assert not abnormal, f"{vol.volume_id} at {elapsed:.0%}: {message}"
                 assert seen.spiffe_id in message, message
@@ -1122,13 +1200,13 @@ class Draw:
         self.done: list[Op] = []
         self._operations = operations()
         if data is not None:
-            # Swarm testing: each program publishes a few families only, so the interactions
-            # of each (two sockets of one service account, a JWT and a long wait) are likely.
-            chosen = data.draw(
-                st.sets(st.sampled_from(sorted(FAMILIES)), min_size=1, max_size=3),
-                label="families",
-            )
-            self._operations = operations(tuple(sorted(chosen)))
+            # Swarm testing: each program publishes some families only and leaves some kinds
+            # of operation out (each in or out at even odds), so that the interactions within
+            # one family (two sockets of one service account, a JWT and a long wait) and long
+            # runs of a few kinds (an agent down while time passes) are likely.
+            families = _some(data, sorted(FAMILIES), "families") or ["defaults"]
+            kinds = set(_some(data, [k for k in KINDS if k not in ALWAYS], "kinds")) | set(ALWAYS)
+            self._operations = operations(tuple(families), tuple(k for k in KINDS if k in kinds))
 
     def next(self, index: int, max_steps: int) -> Op | None:
         if self._data is None:
@@ -1140,6 +1218,12 @@ class Draw:
         if op is not None:
             self.done.append(op)
         return op
+
+
+def _some(data: st.DataObject, items: Sequence[str], label: str) -> list[str]:
+    """Each of ``items`` or not, at even odds (shrinking towards none)."""
+    used = data.draw(st.lists(st.booleans(), min_size=len(items), max_size=len(items)), label)
+    return [item for item, chosen in zip(items, used, strict=True) if chosen]
 
 
 async def run(draw: Draw, max_steps: int = 0) -> None:
