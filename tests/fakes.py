@@ -197,8 +197,6 @@ class FakeAgent:
         )
         self.calls: Watched[int] = Watched(0)
         """Every x509_svids and jwt_svids call so far (a Watched, so tests can wait on it)."""
-        self.svid_updates_sent = 0
-        """SVID updates handed to volumes: no volume can have rotated more often."""
         self._recent: dict[SelectorSet, deque[float]] = {}
         self.hot_loop = trio.Event()
         self.hot_loop_detail = ""
@@ -231,10 +229,6 @@ class FakeAgent:
         if td == self.trust_domain:
             return (self.ca.bundle_der, *self._bundle_extra)
         return (self._federated[td].bundle_der,)
-
-    @property
-    def federated_trust_domains(self) -> tuple[str, ...]:
-        return tuple(sorted(self._federated))
 
     def federated_ca(self, trust_domain: str) -> CertificateAuthority:
         return self._federated[trust_domain]
@@ -485,7 +479,6 @@ class FakeAgent:
                     x509_svid_key=item.svid.key_pkcs8_der,
                 )
             )
-        self.svid_updates_sent += 1
         return x509_from_response(response)
 
 

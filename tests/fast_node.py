@@ -15,6 +15,7 @@ status mapping) and come back as the status the kubelet would get: None for OK, 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import random
 import shutil
@@ -34,12 +35,14 @@ from trio_spirecsi._proto.csi.v1 import csi_pb2 as csi
 from trio_spirecsi.csi.client import Pod, publish_request, volume_context
 from trio_spirecsi.csi.node import NodeService
 from trio_spirecsi.csi.status import handler
-from trio_spirecsi.grpc import Method, RpcError, ServerContext, methods
+from trio_spirecsi.grpc import Method, RpcError, ServerContext, StatusCode, methods
 from trio_spirecsi.metrics import Metrics
 from trio_spirecsi.spire.backoff import AGENT_RETRY, BackoffPolicy
 from trio_spirecsi.storage.metadata import MetadataStore, folder_name
 from trio_spirecsi.volumes.registry import Registry
 from trio_spirecsi.workloadapi import serve_volume_socket
+
+logger = logging.getLogger(__name__)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -185,10 +188,6 @@ class FastNode:
             driver.scope.cancel()
             await driver.done.wait()
 
-    async def restart_driver(self) -> Driver:
-        await self.stop_driver()
-        return await self.start_driver()
-
     # Kubelet ---------------------------------------------------------------------------
 
     def pod(self, name: str = "web-0", namespace: str = "default", sa: str = "web") -> Pod:
@@ -266,9 +265,16 @@ class FastNode:
 async def _handled(
     method: Method[Any, Any], fn: Callable[[Req, ServerContext], Awaitable[Resp]], request: Req
 ) -> Resp:
-    """Call a CSI handler as the gRPC server does: project errors become their status."""
+    """Call a CSI handler as the gRPC server does: project errors become their status, any
+    other exception UNKNOWN (logged with its traceback, as the server logs it)."""
     context = ServerContext(method=method, metadata={}, deadline=None, peer=None)
-    return await handler(fn)(request, context)
+    try:
+        return await handler(fn)(request, context)
+    except RpcError:
+        raise
+    except Exception:
+        logger.exception("gRPC handler for %s failed", method.path)
+        raise RpcError(StatusCode.UNKNOWN, f"internal error in {method.path}") from None
 
 
 @asynccontextmanager

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -340,6 +341,35 @@ async def test_unpublish_closes_the_agent_stream_and_leaves_nothing(
         calls = node.agent.calls.value
         await trio.sleep(3 * node.agent.jwt_ttl)
         assert node.agent.calls.value == calls, "the volume still calls the agent"
+
+
+async def test_a_publish_whose_mount_fails_leaves_nothing_and_can_be_retried(
+    fast_clock: MockClock,
+) -> None:
+    async with fast_node() as node:
+        pod = node.pod()
+        node.mounter.fail["bind_readonly"] = errno.EPERM
+        error = await node.publish(node.request("csi-1", pod))
+        assert error is not None and error.code == StatusCode.UNKNOWN, error
+        assert os.listdir(node.state_dir) == []
+        assert node.mounter.mounts == {}
+        assert node.agent.open_svid_streams == []
+        _, target = await published(node, pod)
+        assert seen_identity(node, target).spiffe_id == "spiffe://example.org/ns/default/sa/web"
+
+
+async def test_an_unpublish_whose_unmount_fails_can_be_retried(fast_clock: MockClock) -> None:
+    """The kubelet retries a failed unpublish; the retry removes what is left."""
+    async with fast_node() as node:
+        _, target = await published(node)
+        node.mounter.fail["unmount"] = errno.EBUSY
+        error = await node.unpublish("csi-1", target)
+        assert error is not None, "an unpublish whose unmount failed answered OK"
+        assert node.agent.open_svid_streams == [], "the volume's stream outlived the unpublish"
+        assert await node.unpublish("csi-1", target) is None
+        assert node.mounter.mounts == {}
+        assert os.listdir(node.state_dir) == []
+        assert not target.exists()
 
 
 async def test_a_cancelled_publish_leaves_nothing_behind(fast_clock: MockClock) -> None:
