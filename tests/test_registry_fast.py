@@ -286,6 +286,19 @@ async def test_a_volume_resumed_while_the_agent_is_down_reports_the_svid_its_fil
         assert abnormal and "expired at" in message, message
 
 
+async def test_a_volume_resumed_after_its_entry_was_removed_reports_lost_entitlement(
+    fast_clock: MockClock,
+) -> None:
+    async with fast_node() as node:
+        _, target = await published(node)
+        node.agent.revoke("spiffe://example.org/ns/default/sa/web")
+        await node.stop_driver()
+        await node.start_driver()
+        await eventually(lambda: node.agent.open_svid_streams != [], "resubscribed")
+        abnormal, message = condition(await node.stats("csi-1", target))
+        assert abnormal and "no longer issues an SVID" in message, message
+
+
 # Republish and unpublish -------------------------------------------------------------------
 
 

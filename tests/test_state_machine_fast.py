@@ -650,12 +650,11 @@ class Restart(Op):
                 generation.mkdir(parents=True)
                 (generation / "svid.pem").write_bytes(b"")
             vol.status = "uncertain"
-            vol.delivered = False
             m.volumes[vol.volume_id] = vol
         await node.start_driver()
         m.rotations_seen = 0
         for vol in m.volumes.values():
-            vol.delivered = vol.lost = vol.layout = vol.mount_lost = False
+            vol.lost = vol.layout = vol.mount_lost = False
             vol.not_after = None
 
 
@@ -765,10 +764,8 @@ class Vol:
     family: str
     status: Status = "published"
     mount_lost: bool = False
-    delivered: bool = True
-    """The running driver has had an SVID for it (after a restart: not yet)."""
     lost: bool = False
-    """Its pod lost every registration entry after the driver had an SVID for it."""
+    """Its pod lost every registration entry while its files hold an SVID."""
     layout: bool = False
     """The agent's SVIDs for its pod no longer include the identity it chose."""
     not_after: float | None = None
@@ -1053,11 +1050,11 @@ class Machine:
                 continue
             entries = self.entries(vol)
             if self.chosen(vol) is not None:
-                vol.delivered, vol.lost, vol.layout = True, False, False
+                vol.lost, vol.layout = False, False
             elif entries:
-                vol.delivered, vol.lost, vol.layout = True, False, True
+                vol.lost, vol.layout = False, True
             else:
-                vol.lost = vol.delivered
+                vol.lost = vol.seen is not None
 
     async def check_conditions(self) -> None:
         """VOLUME_CONDITION of every published volume, as the model expects it now.

@@ -34,3 +34,16 @@ def test_a_volume_resumed_while_the_agent_is_down_stays_normal() -> None:
             Restart(),
         ]
     )
+
+
+def test_a_resumed_volume_whose_entry_was_removed_stays_abnormal() -> None:
+    """The pod's only entry is removed, then the driver restarts: the resumed volume's files
+    still hold the SVID, so its condition must stay abnormal (lost entitlement), as before
+    the restart, not turn normal because the new driver never had an SVID for it."""
+    replay(
+        [
+            Publish(namespace="default", account="web", name="a", family="defaults"),
+            Revoke(identity=0),
+            Restart(),
+        ]
+    )

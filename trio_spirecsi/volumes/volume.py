@@ -371,7 +371,9 @@ class Volume:
 
     def _on_svids(self, update: X509Update | AgentProblem) -> None:
         if isinstance(update, AgentProblem):
-            if update.outcome is Outcome.NO_ENTRY and self.x509.value is not None:
+            # Files that hold an SVID (written now, or resumed) mean the pod had an identity.
+            had = self.x509.value is not None or self.state.value.written is not None
+            if update.outcome is Outcome.NO_ENTRY and had:
                 self._report(
                     "entitlement",
                     Problem(
