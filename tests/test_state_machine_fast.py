@@ -15,11 +15,12 @@ interactions within one family are likely:
   unpublish again, several calls on ONE volume ID at once (publish, publish elsewhere,
   unpublish, in one order or another), a publish the kubelet gives up on after some
   scheduling points;
-- the world: a target that loses its mount behind the driver's back;
+- the world: a target that loses its mount behind the driver's back (and the kubelet that
+  notices and publishes again);
 - the agent: rotation, a new CA (with or without the old root), an extra root, an identity
   revoked and restored, the agent down and up again (or down for a while: an outage),
   refusing and accepting the driver, no longer renewing (cut off from its server) and
-  renewing again;
+  renewing again, away while the oldest SVID ages past 75% or 90% of its life;
 - time: from half a second to more than an SVID's lifetime (SVIDs live 600 s, JWT-SVIDs
   120 s), or until the oldest SVID is at 80%, 95% or 105% of its life, so SVIDs near expiry,
   expired SVIDs and JWT half-lives all happen;
@@ -515,15 +516,20 @@ class CancelledPublish(Op):
 
 @dataclass(frozen=True)
 class LoseMount(Op):
-    """Something unmounts a target behind the driver's back (publishing again mounts it)."""
+    """Something unmounts a target behind the driver's back; maybe the kubelet notices and
+    publishes again at once (its reconciler does), which must mount it again."""
 
     pick: int
+    kubelet_notices: bool = False
 
     async def apply(self, m: Machine) -> None:
         vol = m.pick(self.pick, "published")
-        if vol is not None:
-            m.node.mounter.unmount(vol.target)
-            vol.mount_lost = True
+        if vol is None:
+            return
+        m.node.mounter.unmount(vol.target)
+        vol.mount_lost = True
+        if self.kubelet_notices:
+            await PublishAgain(self.pick).apply(m)
 
 
 AgentAction = Literal[
@@ -606,6 +612,23 @@ class Age(Op):
 
 
 @dataclass(frozen=True)
+class Neglect(Op):
+    """The agent goes away (down, or up but no longer renewing) and stays away while the
+    oldest SVID ages to ``fraction`` of its life (past 75%: no longer renewed; past 90%)."""
+
+    how: Literal["down", "stall"]
+    fraction: float
+
+    async def apply(self, m: Machine) -> None:
+        agent = m.node.agent
+        if self.how == "down" and agent.up:
+            agent.go_down()
+        elif self.how == "stall":
+            agent.set_renewing(False)
+        await Age(self.fraction).apply(m)
+
+
+@dataclass(frozen=True)
 class Outage(Op):
     """The agent is down for a while (a restart, a crash loop), then serves again."""
 
@@ -676,8 +699,8 @@ KINDS = (
     "restart",
 )
 """Kinds of operation; a program uses some of them (swarm testing, see :class:`Draw`)."""
-ALWAYS = ("publish", "agent", "advance")
-"""Kinds every program uses: volumes, an agent that changes, and time passing."""
+ALWAYS = ("publish", "agent", "advance", "restart")
+"""Kinds every program uses: volumes, an agent that changes, time passing, driver restarts."""
 
 
 @functools.lru_cache
@@ -701,9 +724,15 @@ def operations(
         ),
     )
     by_kind: dict[str, list[st.SearchStrategy[Op]]] = {
-        "publish": [st.builds(Publish, ns, sa, name, family, st.booleans()) for _ in range(3)],
+        "publish": [
+            *(st.builds(Publish, ns, sa, name, family, st.booleans()) for _ in range(3)),
+            st.builds(LoseMount, pick, st.just(True)),
+        ],
         "publish-refused": [st.builds(PublishRefused, ns, sa, st.sampled_from(sorted(REFUSED)))],
-        "publish-again": [st.builds(PublishAgain, pick), st.builds(LoseMount, pick)],
+        "publish-again": [
+            st.builds(PublishAgain, pick),
+            st.builds(LoseMount, pick, st.booleans()),
+        ],
         "publish-conflicting": [
             st.builds(PublishConflicting, pick, st.sampled_from(["attributes", "target"]))
         ],
@@ -726,6 +755,7 @@ def operations(
         "agent": [
             st.builds(AgentOp, st.sampled_from(get_args(AgentAction))),
             st.builds(AgentOp, st.sampled_from(["up", "accept", "renew", "rotate"])),
+            st.builds(Neglect, st.sampled_from(["down", "stall"]), st.sampled_from([0.8, 0.95])),
         ],
         "revoke": [st.builds(Revoke, st.integers(0, len(IDENTITIES) - 1))],
         "restore": [st.builds(Restore, st.integers(0, len(IDENTITIES) - 1))],
