@@ -1,5 +1,5 @@
-# trio-spirecsi developer commands. Run `scripts/bootstrap.sh` once first
-# (the README's commands do it for you).
+# trio-spirecsi developer commands. Run `scripts/bootstrap.sh` once first (or
+# `scripts/bootstrap.sh demo` for the demo alone; the README's commands do it for you).
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
@@ -9,13 +9,17 @@ venv := justfile_directory() / ".venv/bin"
 default:
     @just --list
 
-# Install the project and its development tools into .venv
+# Install the project and its development tools into .venv (silent when done already)
 setup:
-    scripts/bootstrap.sh
+    @scripts/bootstrap.sh
+
+# Install only what the demo needs: runtime dependencies and just
+setup-demo:
+    @scripts/bootstrap.sh demo
 
 # Dev agent + driver in a temporary folder: publish, show the files, rotate, unpublish
-demo: setup
-    {{venv}}/trio-spirecsi demo
+demo: setup-demo
+    @{{venv}}/trio-spirecsi demo
 
 # The whole test suite (in a private mount namespace), then lint and types
 test: setup
@@ -35,6 +39,10 @@ protos:
 # Benchmarks (not tests): publish latency, memory per volume, rotation and resume times
 bench *ARGS: setup
     unshare -m --propagation private {{venv}}/python -m benchmarks.bench {{ARGS}}
+
+# Hostile pods against the driver process: RSS, Probe, victim rotation, fds per attack (measured)
+hostile *ARGS: setup
+    unshare -m --propagation private {{venv}}/python -m benchmarks.hostile {{ARGS}}
 
 # The fast layer alone: registry, volumes and the fast state machine in virtual time (no root)
 fast *ARGS: setup

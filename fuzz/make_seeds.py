@@ -7,6 +7,7 @@ as kept crash inputs, alone). Certificates and keys come from a throwaway dev-ag
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 from trio_spirecsi._proto.spire.api.agent.delegatedidentity.v1 import delegatedidentity_pb2 as di
@@ -176,6 +177,56 @@ def publish_request_seeds() -> dict[str, bytes]:
     }
 
 
+def grpc_server() -> dict[str, bytes]:
+    from hpack import Encoder
+
+    def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+        head = len(payload).to_bytes(3, "big") + bytes([kind, flags])
+        return head + stream.to_bytes(4, "big") + payload
+
+    def message(data: bytes, compressed: bool = False) -> bytes:
+        return bytes([compressed]) + len(data).to_bytes(4, "big") + data
+
+    def request(stream: int, *extra: tuple[str, str], end_headers: bool = True) -> bytes:
+        headers = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/SpiffeWorkloadAPI/FetchJWTSVID"),
+            (":authority", "localhost"),
+            ("te", "trailers"),
+            ("content-type", "application/grpc"),
+            ("workload.spiffe.io", "true"),
+            *extra,
+        ]
+        block = Encoder().encode(headers)  # each seed is its own connection
+        return frame(0x1, 0x4 if end_headers else 0, stream, block)
+
+    start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(0x4, 0, 0)
+    body = b"\x12\x03api"  # JWTSVIDRequest(audience=["api"])
+    packed = zlib.compress(body)
+    bomb = zlib.compress(bytes(1 << 20))
+    seeds = {
+        "unary": start + request(1) + frame(0x0, 0x1, 1, message(body)),
+        "deflate": start
+        + request(1, ("grpc-encoding", "deflate"))
+        + frame(0x0, 0x1, 1, message(packed, compressed=True)),
+        "bomb": start
+        + request(1, ("grpc-encoding", "gzip"))
+        + frame(0x0, 0x1, 1, message(bomb, compressed=True)),
+        "stream-of-messages": start
+        + request(1)
+        + frame(0x0, 0, 1, message(body) * 3)
+        + frame(0x6, 0, 0, bytes(8))
+        + frame(0x8, 0, 0, (1000).to_bytes(4, "big"))
+        + frame(0x0, 0x1, 1, message(body)),
+        "reset": start + request(1) + frame(0x3, 0, 1, (8).to_bytes(4, "big")),
+        "not-http2": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    }
+    block = request(3)[9:]
+    seeds["continuation"] = start + frame(0x1, 0, 3, block[:2]) + frame(0x9, 0x4, 3, block[2:])
+    return seeds
+
+
 def main() -> None:
     makers = {
         "attributes": attributes,
@@ -183,6 +234,7 @@ def main() -> None:
         "svid_response": svid_response,
         "bundle_response": bundle_response,
         "publish_request": publish_request_seeds,
+        "grpc_server": grpc_server,
     }
     for target, make in makers.items():
         folder = Path(CORPUS) / target

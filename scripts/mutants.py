@@ -73,14 +73,16 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "socket-by-account",
         "the per-pod socket looks its state up by namespace/service account, not by volume",
-        "trio_spirecsi/workloadapi/server.py",
+        "trio_spirecsi/workloadapi/socket.py",
         (
             (
-                "    WorkloadApi(volume, agent, jwt_limit).register(server)",
+                "    WorkloadApi(volume, agent, jwt_limit).register(server)\n"
+                "    SecretDiscovery(volume, agent, metrics).register(server)",
                 "    pod = plan.spec.pod\n"
                 "    volume = _BY_ACCOUNT.setdefault("
                 "(pod.namespace, pod.service_account), volume)\n"
-                "    WorkloadApi(volume, agent, jwt_limit).register(server)",
+                "    WorkloadApi(volume, agent, jwt_limit).register(server)\n"
+                "    SecretDiscovery(volume, agent, metrics).register(server)",
             ),
             (
                 "\nasync def serve_volume_socket(",
@@ -112,7 +114,12 @@ MUTANTS: tuple[Mutant, ...] = (
         "republish-no-remount",
         "publishing again does not re-mount a target that lost its mount",
         "trio_spirecsi/volumes/registry.py",
-        (("        if not self._mounter.is_mounted(req.target_path):", "        if False:"),),
+        (
+            (
+                "            if not self._mounter.is_mounted(target, volume.plan.data_dir):",
+                "            if False:",
+            ),
+        ),
         _fast("test_publishing_again_remounts_a_target_that_lost_its_mount"),
     ),
     Mutant(
@@ -241,8 +248,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "trio_spirecsi/volumes/registry.py",
         (
             (
-                "                mounted = True\n            except BaseException:",
-                "                mounted = True\n            except Exception:",
+                "                    mounted = True\n                except BaseException:",
+                "                    mounted = True\n                except Exception:",
             ),
         ),
         _fast("test_a_cancelled_publish_leaves_nothing_behind"),

@@ -65,7 +65,9 @@ from trio_spirecsi.spire.responses import (
     x509_from_response,
 )
 from trio_spirecsi.spire.selectors import Selector
-from trio_spirecsi.storage.mount import MountError
+from trio_spirecsi.storage.errors import MountError
+from trio_spirecsi.storage.mount import UnmountResult
+from trio_spirecsi.storage.paths import TargetDir
 from trio_spirecsi.watched import Watched
 
 Clock = Callable[[], float]
@@ -488,11 +490,12 @@ def _spiffe_id_proto(spiffe_id: str) -> types_pb2.SPIFFEID:
 
 
 class MemoryMounter:
-    """The storage ``Mounter`` protocol in memory: ``mounts`` maps a target (real path) to
-    the sources mounted there, bottom first, so a mount stacked twice shows.
+    """The storage ``Mounter`` protocol in memory: ``mounts`` maps a target path to the
+    sources mounted there, bottom first, so a mount stacked twice shows. The target folder
+    is real: made (0750) through the held parent and checked as the real mounter does.
 
     Put an errno in ``fail[op]`` (``"bind_readonly"``, ``"unmount"``) to make the next call
-    of that operation raise :class:`MountError`.
+    of that operation raise :class:`MountError`; :meth:`lose` is an unmount by someone else.
     """
 
     def __init__(self) -> None:
@@ -504,23 +507,37 @@ class MemoryMounter:
         if err:
             raise MountError(err, what)
 
-    def bind_readonly(self, source: Path, target: Path) -> None:
-        what = f"bind mount {source} -> {target}"
+    def bind_readonly(self, source: Path, target: TargetDir) -> None:
+        what = f"bind mount {source} -> {target.path}"
         self._failure("bind_readonly", what)
-        for path in (source, target):
-            if not path.is_dir():
-                raise MountError(errno.ENOENT, f"{what}: {path}")
-        self.mounts.setdefault(_real(target), []).append(_real(source))
+        if not source.is_dir():
+            raise MountError(errno.ENOENT, f"{what}: {source} is not a folder")
+        fd = target.open(create=True)
+        if fd is not None:
+            os.close(fd)
+        target.verify()
+        self.mounts.setdefault(_real(target.path), []).append(_real(source))
 
-    def unmount(self, target: Path) -> None:
-        self._failure("unmount", f"unmount {target}")
+    def unmount(self, target: TargetDir, source: Path) -> UnmountResult:
+        self._failure("unmount", f"unmount {target.path}")
+        layers = self.mounts.get(_real(target.path), [])
+        removed = 0
+        while layers and layers[-1] == _real(source):
+            layers.pop()
+            removed += 1
+        if not layers:
+            self.mounts.pop(_real(target.path), None)
+        return UnmountResult(removed=removed, ours_left=len(layers))
+
+    def is_mounted(self, target: TargetDir, source: Path) -> bool:
+        layers = self.mounts.get(_real(target.path))
+        if not layers:
+            return False
+        return layers[-1] == _real(source)
+
+    def lose(self, target: Path) -> None:
+        """Someone else unmounts ``target`` (every layer), behind the driver's back."""
         self.mounts.pop(_real(target), None)
-
-    def is_mounted(self, target: Path) -> bool:
-        return _real(target) in self.mounts
-
-    def mount_points(self) -> frozenset[Path]:
-        return frozenset(self.mounts)
 
     def source(self, target: Path) -> Path | None:
         """What a pod sees at ``target``: the topmost mount's source, or None."""

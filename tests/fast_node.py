@@ -160,6 +160,7 @@ class FastNode:
             agent=self.agent,
             metrics=metrics,
             node_id=NODE_ID,
+            kubelet_dir=self.kubelet_dir,
             publish_timeout=PUBLISH_TIMEOUT,
             socket_server=functools.partial(serve_volume_socket, agent=self.agent),
             now=self.now,

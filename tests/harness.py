@@ -6,6 +6,7 @@ test session runs in a private mount namespace, see conftest.py).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from trio_spirecsi.csi.client import CSIClient, Pod, publish_request, volume_con
 from trio_spirecsi.daemon import Daemon
 from trio_spirecsi.devagent.agent import DevAgent
 from trio_spirecsi.grpc import Channel, open_channel
-from trio_spirecsi.storage.mount import LinuxMounter
+from trio_spirecsi.storage.mount import MNT_DETACH
 
 
 def mounts_under(root: Path) -> list[Path]:
@@ -39,6 +40,15 @@ def mounts_under(root: Path) -> list[Path]:
             if point == prefix or point.startswith(prefix + "/"):
                 found.append(Path(point))
     return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def detach_mounts_under(root: Path) -> None:
+    """Detach every mount at or below ``root``, deepest first, whatever it is: test cleanup
+    only (the driver itself never unmounts by path)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    for point in mounts_under(root):
+        libc.umount2(os.fsencode(point), MNT_DETACH)
 
 
 def mount_count(target: Path) -> int:
@@ -264,9 +274,7 @@ async def open_node(root: Path, agent: DevAgent | None = None) -> AsyncIterator[
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
-            mounter = LinuxMounter()
-            for point in mounts_under(root):
-                mounter.unmount(point)
+            detach_mounts_under(root)
             nursery.cancel_scope.cancel()
 
 

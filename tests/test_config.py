@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from trio_spirecsi.config import ConfigError, parse_csi_endpoint, parse_serve
+from trio_spirecsi.grpc import ServerLimits
+from trio_spirecsi.ratelimit import RateLimit
 
 REQUIRED = [
     "--csi-endpoint",
@@ -62,7 +64,7 @@ def test_missing_settings_are_named_with_their_environment_variable() -> None:
     ("flag", "value", "says"),
     [
         ("--publish-timeout", "soon", "give seconds"),
-        ("--publish-timeout", "0", "between 0 and 600"),
+        ("--publish-timeout", "0", "more than 0 and at most 600"),
         ("--state-dir", "relative/dir", "absolute path"),
         ("--node-id", " ", "node name"),
         ("--csi-endpoint", "tcp://127.0.0.1:10000", "only unix sockets"),
@@ -86,3 +88,58 @@ def test_bad_choice_from_the_environment_lists_the_choices() -> None:
 )
 def test_csi_endpoint_forms(endpoint: str) -> None:
     assert parse_csi_endpoint(endpoint) == Path("/csi/csi.sock")
+
+
+# Limits of the per-pod socket ---------------------------------------------------------
+
+
+def test_pod_socket_limits_default_to_the_untrusted_server_limits() -> None:
+    settings = parse_serve(REQUIRED, environ={})
+    assert settings.pod_socket == ServerLimits()
+    assert settings.pod_socket.max_connections == 16
+    assert settings.pod_socket.max_request_bytes == 64 * 1024
+    assert settings.pod_socket_jwt == RateLimit(10.0, 20)
+    assert settings.keep_set_aside == 32
+
+
+def test_every_pod_socket_limit_has_a_flag_and_an_environment_variable() -> None:
+    settings = parse_serve(
+        [
+            *REQUIRED,
+            "--pod-socket-max-connections",
+            "4",
+            "--pod-socket-max-frame-bytes",
+            "32768",
+            "--pod-socket-idle-timeout",
+            "0",
+            "--pod-socket-jwt-per-second",
+            "0.5",
+        ],
+        environ={"TRIO_SPIRECSI_POD_SOCKET_MAX_STREAMS": "3", "TRIO_SPIRECSI_KEEP_SET_ASIDE": "0"},
+    )
+    assert settings.pod_socket.max_connections == 4
+    assert settings.pod_socket.max_concurrent_streams == 3
+    assert settings.pod_socket.max_frame_bytes == 32768
+    assert settings.pod_socket.idle_timeout is None
+    assert settings.pod_socket_jwt.per_second == 0.5
+    assert settings.keep_set_aside == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--pod-socket-max-streams", "0"], "--pod-socket-max-streams '0': must be more than 0"),
+        (["--pod-socket-max-streams", "many"], "--pod-socket-max-streams 'many': give a whole"),
+        (
+            ["--pod-socket-max-frame-bytes", "100"],
+            "--pod-socket-max-frame-bytes '100': must be between 16384 and 16777215",
+        ),
+        (["--pod-socket-handshake-timeout", "nan"], "--pod-socket-handshake-timeout 'nan'"),
+        (["--keep-set-aside", "-1"], "--keep-set-aside '-1': must be 0 or more"),
+    ],
+)
+def test_a_bad_limit_is_one_line_naming_the_flag(args: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_serve([*REQUIRED, *args], environ={})
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)

@@ -204,6 +204,21 @@ async def test_pods_of_one_service_account_share_one_svid_and_its_rotations(
         assert len(agent.open_svid_subscriptions) == 4
 
 
+async def test_rotating_one_spiffe_id_leaves_the_others_svids_alone(sock_dir: Path) -> None:
+    agent = DevAgent("example.org")
+    async with serving(agent, sock_dir) as peer:
+        web = peer.svids(pod(uid="web"))
+        db = peer.svids(pod(sa="db", uid="db"))
+        [web_first] = (await web.next()).x509_svids
+        [db_first] = (await db.next()).x509_svids
+        agent.rotate(SHOP_WEB)
+        [web_rotated] = (await web.next()).x509_svids
+        assert leaf(web_rotated).serial_number != leaf(web_first).serial_number
+        assert [s.serial for s in agent.cached_svids("spiffe://example.org/ns/shop/sa/db")] == [
+            leaf(db_first).serial_number
+        ]
+
+
 async def test_cancelling_the_grpcio_stream_removes_the_subscription(sock_dir: Path) -> None:
     agent = DevAgent("example.org")
     async with serving(agent, sock_dir) as peer:
@@ -506,3 +521,18 @@ async def test_data_dir_keeps_the_trust_bundle_across_agents(
     async with serving(third, sock_dir) as peer:
         [svid] = (await peer.svids(pod()).next()).x509_svids
         leaf(svid).verify_directly_issued_by(first.ca.root_certificate)
+
+
+async def test_a_garbled_svid_carries_no_usable_key_until_ungarbled(sock_dir: Path) -> None:
+    agent = DevAgent("example.org")
+    async with serving(agent, sock_dir) as peer:
+        stream = peer.svids(pod())
+        [first] = (await stream.next()).x509_svids
+        agent.garble(SHOP_WEB)
+        [garbled] = (await stream.next()).x509_svids
+        assert garbled.x509_svid.cert_chain == first.x509_svid.cert_chain
+        with pytest.raises(ValueError):
+            serialization.load_der_private_key(garbled.x509_svid_key, None)
+        agent.ungarble(SHOP_WEB)
+        [back] = (await stream.next()).x509_svids
+        assert back.x509_svid_key == first.x509_svid_key

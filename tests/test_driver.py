@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import cast
@@ -13,7 +14,7 @@ from typing import cast
 import pytest
 import trio
 
-from tests.harness import Node, eventually, mount_count, open_node, read_identity
+from tests.harness import Node, eventually, mount_count, mounts_under, open_node, read_identity
 from trio_spirecsi._proto.csi.v1 import csi_pb2 as csi
 from trio_spirecsi.csi.client import publish_request, volume_context
 from trio_spirecsi.grpc import RpcError, StatusCode, methods
@@ -207,6 +208,41 @@ async def test_no_matching_entry_times_out_listing_the_selectors(tmp_path: Path)
         assert mount_count(node.target(pod)) == 0
 
 
+async def test_a_target_folder_swapped_for_a_symlink_while_publish_waits_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Publish checks the target, then waits for the pod's first SVID; a folder on the target's
+    path replaced by a symlink meanwhile gets no mount, there or anywhere else."""
+    async with open_node(tmp_path / "n") as node:
+        await node.start_driver()
+        pod = node.pod()
+        node.agent.revoke(node.expected_id(pod))
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        parent = node.target(pod).parent
+        failures: list[RpcError] = []
+
+        async def publish() -> None:
+            with pytest.raises(RpcError) as info:
+                await node.publish(pod)
+            failures.append(info.value)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publish)
+            await eventually(lambda: bool(selectors_of(node, pod.uid)), "publish is waiting")
+            parent.rename(parent.with_name("moved"))
+            parent.symlink_to(outside)
+            node.agent.restore(node.expected_id(pod))
+
+        (error,) = failures
+        assert error.code == StatusCode.INVALID_ARGUMENT
+        assert "target_path" in error.message and "is a symlink" in error.message
+        assert os.listdir(outside) == [] and mounts_under(outside) == []
+        assert mounts_under(node.kubelet_dir) == []
+        assert node.volume_folders() == []
+        await eventually(lambda: not node.agent.open_svid_subscriptions, "the stream closed")
+
+
 async def test_unreachable_agent_fails_publish_naming_the_socket(tmp_path: Path) -> None:
     async with open_node(tmp_path / "n") as node:
         await node.stop_agent()
@@ -331,3 +367,80 @@ async def test_selinux_context_labels_the_files_pods_read(tmp_path: Path) -> Non
         _, target = await node.publish(node.pod())
         for name in ("svid.pem", "svid_key.pem", "svid_bundle.pem"):
             assert os.getxattr(target / name, "security.selinux") == label.encode()
+
+
+async def test_a_storage_failure_reaches_the_kubelet_as_internal_with_its_reason(
+    node: Node, tmp_path: Path
+) -> None:
+    """Something else holds the volume's data mounted: unpublish must not delete files a
+    mount still shows, and says why instead of UNKNOWN; the retry works once it is gone."""
+    volume_id, target = await node.publish(node.pod())
+    (name,) = node.volume_folders()
+    folder = node.state_dir / name
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    subprocess.run(["mount", "--bind", str(folder / "data"), str(elsewhere)], check=True)
+    try:
+        with pytest.raises(RpcError) as info:
+            await node.client.unpublish(volume_id, str(target))
+        assert info.value.code == StatusCode.INTERNAL
+        assert str(elsewhere) in info.value.message
+        # All or nothing: the pod still has its files, the agent stream is still open.
+        assert mount_count(target) == 1 and read_identity(target).key_matches
+        assert len(node.agent.open_svid_subscriptions) == 1
+        daemon = node.daemon
+        assert daemon is not None
+        errors = daemon.metrics.errors_total.labels(kind="storage_failed")._value.get()
+        assert errors == 1
+    finally:
+        subprocess.run(["umount", str(elsewhere)], check=True)
+    await node.client.unpublish(volume_id, str(target))
+    assert node.volume_folders() == []
+    assert mount_count(target) == 0
+
+
+async def test_a_target_whose_parent_is_missing_is_invalid_argument_not_internal(
+    node: Node,
+) -> None:
+    pod = node.pod()
+    target = node.kubelet_dir / "pods" / pod.uid / "volumes" / "kubernetes.io~csi" / "x" / "mount"
+    context = volume_context(pod, {})
+    with pytest.raises(RpcError) as info:
+        await node.client.publish(publish_request("csi-orphan", str(target), context))
+    assert info.value.code == StatusCode.INVALID_ARGUMENT
+    assert info.value.message.startswith("target_path: ")
+    assert "does not exist" in info.value.message
+    assert node.volume_folders() == []
+    assert node.agent.open_svid_subscriptions == []
+
+
+async def test_malformed_agent_data_keeps_the_files_and_refuses_new_publishes(
+    tmp_path: Path,
+) -> None:
+    async with open_node(tmp_path / "n") as node:
+        daemon = await node.start_driver(publish_timeout=2.0)
+        pod = node.pod("web-0")
+        volume_id, target = await node.publish(pod)
+        before = read_identity(target)
+        node.agent.garble(before.spiffe_id)
+        node.agent.rotate(before.spiffe_id)
+        await eventually(
+            lambda: daemon.metrics.errors_total.labels(kind="agent_bad_data")._value.get() >= 1,
+            "the garbled SVID counted as bad agent data",
+        )
+        assert read_identity(target) == before  # the last good files stay
+        volume = daemon.registry.get(volume_id)
+        assert volume is not None
+        problem = volume.state.value.problem
+        assert problem is not None and "cannot use" in problem.message
+
+        with pytest.raises(RpcError) as info:
+            await node.publish(node.pod("web-1"))
+        assert info.value.code == StatusCode.FAILED_PRECONDITION
+        assert "no usable SVID" in info.value.message
+        assert "private key" in info.value.message
+
+        node.agent.ungarble(before.spiffe_id)
+        await eventually(lambda: read_identity(target).serial != before.serial, "recovered")
+        assert read_identity(target).key_matches
+        assert volume.state.value.problem is None

@@ -23,6 +23,7 @@ DEEPEST = {
     "svid_response": "rendered",
     "bundle_response": "rendered",
     "publish_request": "accepted",
+    "grpc_server": "accepted",
 }
 
 

@@ -24,6 +24,7 @@ from trio_spirecsi.grpc import (
     RpcError,
     Server,
     ServerContext,
+    ServerLimits,
     StatusCode,
     StreamSender,
     methods,
@@ -50,7 +51,10 @@ async def serving(server: Server, path: Path) -> AsyncIterator[None]:
 
 
 def subscription_server(finished: list[int]) -> Server:
-    """Sends each subscriber one message, then holds the stream open until cancelled."""
+    """Sends each subscriber one message, then holds the stream open until cancelled.
+
+    Trusted limits: the tests below open hundreds of streams and send megabytes.
+    """
 
     async def subscribe(request: SubReq, ctx: ServerContext, send: StreamSender[SubResp]) -> None:
         try:
@@ -59,7 +63,7 @@ def subscription_server(finished: list[int]) -> Server:
         finally:
             finished.append(1)
 
-    server = Server()
+    server = Server(ServerLimits.trusted())
     server.add_stream(SUBSCRIBE, subscribe)
     return server
 
@@ -201,7 +205,7 @@ async def test_messages_larger_than_every_window_flow_both_ways(sock_dir: Path) 
         for _ in range(12):
             await send(SubResp(federates_with=[value]))
 
-    server = Server()
+    server = Server(ServerLimits.trusted())
     server.add_stream(SUBSCRIBE, echo)
     path = sock_dir / "s.sock"
     big = "z" * (3 * mib)

@@ -25,6 +25,7 @@ from trio_spirecsi.grpc import (
     RpcError,
     Server,
     ServerContext,
+    ServerLimits,
     StatusCode,
     StreamSender,
     methods,
@@ -192,7 +193,8 @@ async def test_grpcio_client_cancel_cancels_our_blocked_handlers(sock_dir: Path)
         finally:
             finished += 1
 
-    server = Server()
+    # 50 streams on one connection: more than the untrusted default allows at once.
+    server = Server(ServerLimits.trusted())
     server.add_stream(methods.SUBSCRIBE_TO_X509_SVIDS, subscribe)
     path = sock_dir / "csi.sock"
 

@@ -35,7 +35,8 @@ async def test_json_logs_carry_ids_and_durations_but_no_keys_or_tokens(tmp_path:
         output = proc.stderr.read()
 
     lines = [json.loads(line) for line in output.decode().splitlines()]
-    events = {line["event"] for line in lines}
+    assert all(line["msg"] == line["event"] for line in lines)
+    events = {line["msg"] for line in lines}
     assert {"serving", "publish", "files_written", "unpublish", "stopping"} <= events
     publish = next(line for line in lines if line["event"] == "publish")
     assert publish["volume_id"] == volume_id
@@ -50,3 +51,21 @@ async def test_json_logs_carry_ids_and_durations_but_no_keys_or_tokens(tmp_path:
     forbidden.append(base64.b64encode(base64.b64decode(key_body))[:40])
     for needle in forbidden:
         assert needle not in output
+
+
+def test_json_lines_start_with_the_klog_zap_keys() -> None:
+    """ts, level and msg come first, as klog/zap-style log pipelines expect."""
+    import logging
+
+    from trio_spirecsi.log import JSONFormatter
+
+    record = logging.LogRecord(
+        "trio_spirecsi.daemon", logging.WARNING, "x", 1, "serving", None, None
+    )
+    record.fields = {"node_id": "node-a"}
+    doc = json.loads(JSONFormatter().format(record))
+    assert list(doc)[:3] == ["ts", "level", "msg"]
+    assert doc["msg"] == doc["event"] == "serving"
+    assert doc["level"] == "warning"
+    assert doc["node_id"] == "node-a"
+    assert abs(doc["ts"] - record.created) < 0.01

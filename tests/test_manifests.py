@@ -2,8 +2,10 @@
 
 Every standard manifest under k8s/ and examples/ is validated strictly (unknown fields are
 errors) against the Kubernetes 1.30 schemas with kubernetes-validate. The kustomizations are
-rendered by a small renderer below (resources + RFC 6902 patches, the only features used
-here; anything else is refused), so overlays are checked as users will apply them.
+rendered by a small renderer below (resources, components, namespace and RFC 6902 patches,
+the only features used here; anything else is refused), so overlays are checked as users
+will apply them. tests/test_helm.py checks the Helm chart against these, and SPIRE's own
+chart against k8s/spire/helm-values.yaml.
 """
 
 from __future__ import annotations
@@ -34,14 +36,29 @@ OVERLAYS = {
     "base": (K8S, "/var/lib/kubelet"),
     "microk8s": (K8S / "overlays" / "microk8s", "/var/snap/microk8s/common/var/lib/kubelet"),
     "k0s": (K8S / "overlays" / "k0s", "/var/lib/k0s/kubelet"),
+    "agent-conf": (K8S / "overlays" / "agent-conf", "/var/lib/kubelet"),
+    "monitoring": (K8S / "overlays" / "monitoring", "/var/lib/kubelet"),
 }
 """Installable kustomizations and the kubelet root each one targets."""
+
+AGENT_CONF = K8S / "overlays" / "agent-conf"
+CHART_NAMESPACE = "spire-system"
+"""Where SPIRE's Helm chart runs its agent (global.spire.namespaces.system.name)."""
+CHART_ADMIN_SOCKET = "/run/spire/agent/sockets/csi.spiffe.io/admin/admin.sock"
+"""Where SPIRE's Helm chart puts the admin socket on the host (sockets.admin.mountOnHost)."""
+SPIRE_CLASS_NAME = "spire-mgmt-spire"
+"""The controller manager's class for SPIRE's release "spire" in "spire-mgmt"."""
 
 CRD_FILES = {
     K8S / "spire" / "clusterspiffeid-driver.yaml",
     K8S / "spire" / "clusterspiffeid-workloads.yaml",
+    K8S / "components" / "podmonitor" / "podmonitor.yaml",
+    K8S / "components" / "alerts" / "prometheusrule.yaml",
 }
-PARTIAL_FILES = {K8S / "spire" / "agent-daemonset-patch.yaml"}
+PARTIAL_FILES = {AGENT_CONF / "agent-daemonset-patch.yaml"}
+VALUES_FILES = {K8S / "spire" / "helm-values.yaml"}
+"""Not manifests: values for SPIRE's Helm chart (tests/test_helm.py renders that chart)."""
+STANDARD_KINDS = ["CSIDriver", "DaemonSet", "ServiceAccount"]
 CLUSTER_SPIFFE_ID_FIELDS = {
     "spiffeIDTemplate",
     "ttl",
@@ -121,16 +138,26 @@ def _matches(doc: Doc, target: Mapping[str, str]) -> bool:
     return all(wanted[k] == v for k, v in target.items())
 
 
-def render(folder: Path) -> list[Doc]:
+CLUSTER_SCOPED = {"CSIDriver", "ClusterSPIFFEID", "Namespace"}
+
+
+def render(folder: Path, kind: str = "Kustomization") -> list[Doc]:
     """What ``kubectl kustomize folder`` produces, for the features used in this repository."""
     (kustomization,) = load_docs(folder / "kustomization.yaml")
-    assert kustomization["kind"] == "Kustomization"
-    unknown = set(kustomization) - {"apiVersion", "kind", "resources", "patches"}
+    assert kustomization["kind"] == kind, f"{folder}: expected a {kind}"
+    allowed = {"apiVersion", "kind", "resources", "patches", "components", "namespace"}
+    unknown = set(kustomization) - allowed
     assert not unknown, f"{folder}: the test renderer does not know {sorted(unknown)}"
     docs: list[Doc] = []
     for resource in kustomization.get("resources", []):
         path = (folder / resource).resolve()
         docs += render(path) if path.is_dir() else load_docs(path)
+    for component in kustomization.get("components", []):
+        docs += render((folder / component).resolve(), kind="Component")
+    if "namespace" in kustomization:
+        for doc in docs:
+            if doc["kind"] not in CLUSTER_SCOPED:
+                doc["metadata"]["namespace"] = kustomization["namespace"]
     for patch in kustomization.get("patches", []):
         assert set(patch) == {"path", "target"}, f"{folder}: only path + target patches"
         ops = yaml.safe_load((folder / patch["path"]).read_text())
@@ -208,7 +235,9 @@ def is_kustomize_file(path: Path) -> bool:
 
 
 STANDARD_FILES = [
-    p for p in manifest_files() if p not in CRD_FILES | PARTIAL_FILES and not is_kustomize_file(p)
+    p
+    for p in manifest_files()
+    if p not in CRD_FILES | PARTIAL_FILES | VALUES_FILES and not is_kustomize_file(p)
 ]
 
 
@@ -228,9 +257,9 @@ def _id(path: Path) -> str:
 
 def test_every_manifest_file_is_validated_or_checked_by_hand() -> None:
     files = set(manifest_files())
-    assert files >= CRD_FILES | PARTIAL_FILES
+    assert files >= CRD_FILES | PARTIAL_FILES | VALUES_FILES
     kustomize_files = {p for p in files if is_kustomize_file(p)}
-    assert len(kustomize_files) == 9
+    assert len(kustomize_files) == 14
     standard = {_id(p) for p in STANDARD_FILES}
     assert standard == {
         "k8s/base/csidriver.yaml",
@@ -238,6 +267,7 @@ def test_every_manifest_file_is_validated_or_checked_by_hand() -> None:
         "k8s/base/serviceaccount.yaml",
         "examples/pod.yaml",
         "examples/envoy.yaml",
+        "examples/envoy-sds.yaml",
         "examples/curl-jwt-job.yaml",
         "examples/selinux/pod.yaml",
     }
@@ -253,9 +283,11 @@ def test_standard_manifests_are_strictly_schema_valid(path: Path) -> None:
 def test_rendered_kustomizations_are_strictly_schema_valid(name: str) -> None:
     folder = EXAMPLES / "selinux" if name == "examples/selinux" else OVERLAYS[name][0]
     docs = render(folder)
-    assert sorted(d["kind"] for d in docs) == ["CSIDriver", "DaemonSet", "ServiceAccount"]
+    extra = ["PodMonitor", "PrometheusRule"] if name == "monitoring" else []
+    assert sorted(d["kind"] for d in docs) == sorted(STANDARD_KINDS + extra)
     for doc in docs:
-        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        if doc["kind"] in STANDARD_KINDS:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
 def test_the_validator_rejects_an_unknown_field() -> None:
@@ -437,9 +469,10 @@ def test_probes_and_ports_line_up(rendered: tuple[list[Doc], str]) -> None:
     assert annotations["prometheus.io/port"] == str(metrics_port)
 
 
-def test_daemonset_runs_on_every_node_and_rolls(rendered: tuple[list[Doc], str]) -> None:
+def test_daemonset_runs_on_every_linux_node_and_rolls(rendered: tuple[list[Doc], str]) -> None:
     daemonset = one(rendered[0], "DaemonSet")
     spec = daemonset["spec"]["template"]["spec"]
+    assert spec["nodeSelector"] == {"kubernetes.io/os": "linux"}
     assert {"operator": "Exists"} in spec["tolerations"]
     assert spec["priorityClassName"] == "system-node-critical"
     assert daemonset["spec"]["updateStrategy"]["type"] == "RollingUpdate"
@@ -503,7 +536,7 @@ def test_selinux_example_only_adds_the_context_to_the_driver() -> None:
 
 
 def _agent_conf() -> str:
-    return (K8S / "spire" / "agent.conf").read_text()
+    return (AGENT_CONF / "agent.conf").read_text()
 
 
 def _hcl_string(conf: str, key: str) -> str:
@@ -512,16 +545,40 @@ def _hcl_string(conf: str, key: str) -> str:
     return match[1]
 
 
-def _delegate_id(docs: list[Doc]) -> str:
+def driver_id(docs: list[Doc], trust_domain: str = "example.org") -> str:
+    """The SPIFFE ID the driver pods get: from their namespace and service account."""
     daemonset = one(docs, "DaemonSet")
     namespace = daemonset["metadata"]["namespace"]
     account = daemonset["spec"]["template"]["spec"]["serviceAccountName"]
-    return f"spiffe://example.org/ns/{namespace}/sa/{account}"
+    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{account}"
+
+
+def test_the_default_install_meets_spire_from_its_helm_chart() -> None:
+    docs = render(K8S)
+    daemonset = one(docs, "DaemonSet")
+    assert daemonset["metadata"]["namespace"] == CHART_NAMESPACE
+    driver = containers(daemonset)["driver"]
+    assert flags(driver["args"])["--admin-socket"] == CHART_ADMIN_SOCKET
+    values = yaml.safe_load((K8S / "spire" / "helm-values.yaml").read_text())
+    delegates = values["spire-agent"]["authorizedDelegates"]
+    assert [f"spiffe://example.org{d}" for d in delegates] == [driver_id(docs)]
+
+
+def test_agent_conf_overlay_changes_only_the_namespace_and_the_admin_socket() -> None:
+    base, overlay = render(K8S), render(AGENT_CONF)
+    for doc in overlay:
+        if doc["kind"] != "CSIDriver":
+            assert doc["metadata"]["namespace"] == "spire"
+    text = json.dumps(base, sort_keys=True)
+    text = text.replace(CHART_ADMIN_SOCKET, "/run/spire/admin/admin.sock")
+    text = text.replace(str(PurePosixPath(CHART_ADMIN_SOCKET).parent), "/run/spire/admin")
+    text = text.replace(f'"namespace": "{CHART_NAMESPACE}"', '"namespace": "spire"')
+    assert json.loads(text) == overlay
 
 
 def test_agent_conf_authorizes_the_driver_on_the_socket_it_dials() -> None:
     conf = _agent_conf()
-    docs = render(K8S)
+    docs = render(AGENT_CONF)
     driver = containers(one(docs, "DaemonSet"))["driver"]
     admin = _hcl_string(conf, "admin_socket_path")
     assert admin == flags(driver["args"])["--admin-socket"]
@@ -529,20 +586,24 @@ def test_agent_conf_authorizes_the_driver_on_the_socket_it_dials() -> None:
     assert PurePosixPath(workload_socket).parent != PurePosixPath(admin).parent
     delegates = re.search(r"authorized_delegates\s*=\s*\[([^\]]*)\]", conf)
     assert delegates
-    assert re.findall(r'"([^"]+)"', delegates[1]) == [_delegate_id(docs)]
+    assert re.findall(r'"([^"]+)"', delegates[1]) == [driver_id(docs)]
     assert _hcl_string(conf, "trust_domain") == "example.org"
 
 
 def test_agent_patch_exposes_the_admin_folder_the_driver_mounts() -> None:
-    (patch,) = load_docs(K8S / "spire" / "agent-daemonset-patch.yaml")
+    (patch,) = load_docs(AGENT_CONF / "agent-daemonset-patch.yaml")
     assert (patch["apiVersion"], patch["kind"]) == ("apps/v1", "DaemonSet")
+    assert (
+        patch["metadata"]["namespace"]
+        == one(render(AGENT_CONF), "DaemonSet")["metadata"]["namespace"]
+    )
     spec = patch["spec"]["template"]["spec"]
     admin_dir = str(PurePosixPath(_hcl_string(_agent_conf(), "admin_socket_path")).parent)
     (volume,) = spec["volumes"]
     assert volume["hostPath"]["path"] == admin_dir
     (container,) = spec["containers"]
     assert mount_of(container, volume["name"])["mountPath"] == admin_dir
-    driver_volumes = volumes(one(render(K8S), "DaemonSet"))
+    driver_volumes = volumes(one(render(AGENT_CONF), "DaemonSet"))
     assert admin_dir in {v.get("hostPath", {}).get("path") for v in driver_volumes.values()}
 
 
@@ -555,6 +616,7 @@ def _check_cluster_spiffe_id(doc: Doc) -> None:
         "spiffe://{{ .TrustDomain }}/ns/{{ .PodMeta.Namespace }}/sa/"
         "{{ .PodSpec.ServiceAccountName }}"
     )
+    assert doc["spec"]["className"] == SPIRE_CLASS_NAME, "ignored by the chart's controller"
     for template in doc["spec"].get("workloadSelectorTemplates", []):
         kind, _, value = template.partition(":")
         assert kind == "k8s" and value.startswith(DRIVER_SELECTOR_KINDS), template
@@ -594,13 +656,13 @@ def test_workload_cluster_spiffe_id_selects_every_example_workload() -> None:
 
 
 def test_spire_server_commands_register_the_authorized_delegate() -> None:
-    readme = (K8S / "spire" / "README.md").read_text()
+    readme = (AGENT_CONF / "README.md").read_text()
     commands = [
         shlex.split(block.replace("\\\n", " "))
         for block in re.findall(r"spire-server entry create(?:[^\n]*\\\n)*[^\n]*", readme)
     ]
     assert len(commands) == 3
-    driver_entries = [c for c in commands if _delegate_id(render(K8S)) in c]
+    driver_entries = [c for c in commands if driver_id(render(AGENT_CONF)) in c]
     assert len(driver_entries) == 1
     (entry,) = driver_entries
     selectors = {entry[i + 1] for i, word in enumerate(entry) if word == "-selector"}
@@ -613,6 +675,91 @@ def test_spire_server_commands_register_the_authorized_delegate() -> None:
             if word == "-selector" and command is not entry:
                 kind, _, value = command[i + 1].partition(":")
                 assert kind == "k8s" and value.startswith(DRIVER_SELECTOR_KINDS), command
+
+
+# --- monitoring components ----------------------------------------------------------------
+
+
+def _exposed_metric_names() -> set[str]:
+    """Every series name of a real exposition of the driver's metrics (one volume's SVID
+    known, one error of each kind seen, every publish outcome present)."""
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from trio_spirecsi.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.set_expiry_source(lambda: [time.time() + 3600])
+    metrics.errors_total.labels(kind="agent_unavailable").inc()
+    body, _ = metrics.render()
+    return {
+        sample.name
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+PROMQL_WORDS = {"sum", "by", "rate", "increase", "min", "max", "and", "or", "unless", "on"}
+
+
+def test_podmonitor_scrapes_the_driver_metrics_port() -> None:
+    docs = render(OVERLAYS["monitoring"][0])
+    daemonset, monitor = one(docs, "DaemonSet"), one(docs, "PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == daemonset["metadata"]["namespace"]
+    labels = daemonset["spec"]["template"]["metadata"]["labels"]
+    assert _selected_by(monitor["spec"]["selector"], labels)
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    ports = {p["name"] for p in containers(daemonset)["driver"]["ports"]}
+    assert endpoint["port"] in ports
+    assert endpoint["path"] == "/metrics"
+    assert set(monitor["spec"]) == {"selector", "podMetricsEndpoints"}
+
+
+def test_alert_rules_use_only_metrics_the_driver_exports() -> None:
+    docs = render(OVERLAYS["monitoring"][0])
+    rule = one(docs, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["namespace"] == one(docs, "DaemonSet")["metadata"]["namespace"]
+    exposed = _exposed_metric_names()
+    alerts = {}
+    for group in rule["spec"]["groups"]:
+        assert set(group) == {"name", "rules"}
+        for item in group["rules"]:
+            assert set(item) <= {"alert", "expr", "for", "labels", "annotations"}
+            assert item["labels"]["severity"] in {"warning", "critical"}
+            assert {"summary", "description"} <= set(item["annotations"])
+            alerts[item["alert"]] = item["expr"]
+            without_labels = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\([^()]*\)\s*(?=\()", " ", item["expr"])
+            names = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", without_labels))
+            names -= PROMQL_WORDS | {"namespace", "pod", "outcome", "kind"}
+            assert names, item["alert"]
+            assert names <= exposed, (item["alert"], names - exposed)
+    expressions = " ".join(alerts.values())
+    for wanted in (
+        "trio_spirecsi_svid_expiry_min_seconds",  # SVID close to expiry
+        'trio_spirecsi_svids_expiring{within_seconds="0"}',  # volumes degraded
+        "trio_spirecsi_agent_connected",  # agent unreachable
+        "trio_spirecsi_errors_total",  # errors
+        "trio_spirecsi_publish_duration_seconds_count",
+    ):
+        assert wanted in expressions, wanted
+
+
+def test_the_expression_check_catches_an_unknown_metric() -> None:
+    exposed = _exposed_metric_names()
+    assert "trio_spirecsi_svid_remaining_seconds_bucket" not in exposed
+    assert "trio_spirecsi_errors_total" in exposed
+    assert "process_resident_memory_bytes" in exposed
+
+
+def test_the_components_add_only_their_objects() -> None:
+    base, monitoring = render(K8S), render(OVERLAYS["monitoring"][0])
+    assert [d for d in monitoring if d["kind"] in STANDARD_KINDS] == base
+    for name, kind in (("podmonitor", "PodMonitor"), ("alerts", "PrometheusRule")):
+        docs = render(K8S / "components" / name, kind="Component")
+        assert [d["kind"] for d in docs] == [kind]
 
 
 # --- examples: consumers read what the driver writes ---------------------------------------
@@ -676,6 +823,46 @@ def test_envoy_watches_the_volume_folder_for_the_default_file_names() -> None:
         service["spec"]["selector"].items()
         <= deployment["spec"]["template"]["metadata"]["labels"].items()
     )
+
+
+def _walk(node: object) -> list[dict[str, Any]]:
+    """Every mapping inside a parsed YAML document."""
+    found: list[dict[str, Any]] = []
+    if isinstance(node, dict):
+        found.append(node)
+        for value in node.values():
+            found += _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += _walk(value)
+    return found
+
+
+def test_envoy_gets_its_identity_over_sds_from_the_pods_socket_where_istio_looks() -> None:
+    docs = load_docs(EXAMPLES / "envoy-sds.yaml")
+    bootstrap = yaml.safe_load(one(docs, "ConfigMap")["data"]["envoy.yaml"])
+    spec = one(docs, "Deployment")["spec"]["template"]["spec"]
+    ((volume, csi),) = _csi_volumes(spec).items()
+    (folder,) = _mount_paths(spec, volume)
+    attributes = csi["volumeAttributes"]
+    assert attributes["csi.spire.io/workload-api"] == "true"
+    assert folder == "/var/run/secrets/workload-spiffe-uds"  # Istio's WorkloadIdentityPath
+    assert attributes["csi.spire.io/workload-api-socket"] == "socket"  # Istio's default name
+    (cluster,) = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] != "app"]
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["pipe"]["path"] == f"{folder}/socket"
+    options = cluster["typed_extension_protocol_options"]
+    assert "http2_protocol_options" in str(options)  # gRPC needs HTTP/2 to the socket
+    configs = [m for m in _walk(bootstrap) if "sds_config" in m]
+    assert sorted(c["name"] for c in configs) == ["ROOTCA", "default"]
+    for config in configs:
+        source = config["sds_config"]["api_config_source"]
+        assert source["api_type"] == "GRPC" and source["transport_api_version"] == "V3"
+        (service,) = source["grpc_services"]
+        assert service["envoy_grpc"]["cluster_name"] == cluster["name"]
+    # The socket is 0660 owned by the pod's fsGroup; Envoy runs as a member of it.
+    security = spec["securityContext"]
+    assert security["fsGroup"] == security["runAsGroup"]
 
 
 def test_curl_job_reads_its_jwt_from_the_file_the_driver_writes() -> None:

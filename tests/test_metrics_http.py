@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -14,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from tests.harness import open_node
+from trio_spirecsi.devagent.agent import DevAgent
 from trio_spirecsi.httpserver import check_health, parse_addr, serve_http
 from trio_spirecsi.metrics import PUBLISH_OUTCOMES, Metrics
 
@@ -120,8 +123,19 @@ METRIC_NAMES = [
     "trio_spirecsi_agent_reconnects_total",
     "trio_spirecsi_errors_total",
     "trio_spirecsi_svid_expiry_min_seconds",
-    "trio_spirecsi_svid_remaining_seconds",
+    "trio_spirecsi_svids_expiring",
     "trio_spirecsi_build_info",
+    "trio_spirecsi_sds_streams_open",
+    "trio_spirecsi_sds_resources_sent_total",
+    "trio_spirecsi_sds_nacks_total",
+]
+PROCESS_METRIC_NAMES = [
+    "process_resident_memory_bytes",
+    "process_virtual_memory_bytes",
+    "process_cpu_seconds_total",
+    "process_open_fds",
+    "process_max_fds",
+    "process_start_time_seconds",
 ]
 
 
@@ -172,13 +186,13 @@ async def test_no_metric_carries_a_per_pod_label(server: Server) -> None:
     body = (await request(server.port, "/metrics")).body
 
     label_names = {name for sample in samples(body) for name in sample.labels}
-    assert label_names == {"outcome", "kind", "le", "version"}
+    assert label_names == {"outcome", "kind", "le", "version", "within_seconds", "resource"}
 
 
 async def test_expiry_min_gauge_follows_the_source_at_scrape_time(server: Server) -> None:
     body = (await request(server.port, "/metrics")).body
     assert value(body, "trio_spirecsi_svid_expiry_min_seconds") is None
-    assert value(body, "trio_spirecsi_svid_remaining_seconds_bucket", le="+Inf") == 0
+    assert value(body, "trio_spirecsi_svids_expiring", within_seconds="+Inf") == 0
 
     now = time.time()
     server.expiries[:] = [now + 5000, now + 100, now + 90_000]
@@ -186,19 +200,19 @@ async def test_expiry_min_gauge_follows_the_source_at_scrape_time(server: Server
     minimum = value(body, "trio_spirecsi_svid_expiry_min_seconds")
     assert minimum is not None
     assert 0 < minimum <= 100
-    assert value(body, "trio_spirecsi_svid_remaining_seconds_bucket", le="0") == 0
-    assert value(body, "trio_spirecsi_svid_remaining_seconds_bucket", le="300") == 1
-    assert value(body, "trio_spirecsi_svid_remaining_seconds_bucket", le="7200") == 2
-    assert value(body, "trio_spirecsi_svid_remaining_seconds_bucket", le="86400") == 2
-    assert value(body, "trio_spirecsi_svid_remaining_seconds_bucket", le="+Inf") == 3
+    assert value(body, "trio_spirecsi_svids_expiring", within_seconds="0") == 0
+    assert value(body, "trio_spirecsi_svids_expiring", within_seconds="300") == 1
+    assert value(body, "trio_spirecsi_svids_expiring", within_seconds="7200") == 2
+    assert value(body, "trio_spirecsi_svids_expiring", within_seconds="86400") == 2
+    assert value(body, "trio_spirecsi_svids_expiring", within_seconds="+Inf") == 3
 
     server.expiries[:] = [now - 60, now + 5000]
     body = (await request(server.port, "/metrics")).body
     minimum = value(body, "trio_spirecsi_svid_expiry_min_seconds")
     assert minimum is not None
     assert minimum <= -60
-    assert value(body, "trio_spirecsi_svid_remaining_seconds_bucket", le="0") == 1
-    assert value(body, "trio_spirecsi_svid_remaining_seconds_bucket", le="+Inf") == 2
+    assert value(body, "trio_spirecsi_svids_expiring", within_seconds="0") == 1
+    assert value(body, "trio_spirecsi_svids_expiring", within_seconds="+Inf") == 2
 
 
 async def test_openmetrics_is_served_when_the_scraper_asks_for_it(server: Server) -> None:
@@ -208,7 +222,33 @@ async def test_openmetrics_is_served_when_the_scraper_asks_for_it(server: Server
     assert response.status == 200
     assert response.headers["content-type"].startswith("application/openmetrics-text")
     assert response.body.endswith(b"# EOF\n")
-    assert b"# TYPE trio_spirecsi_svid_remaining_seconds gaugehistogram" in response.body
+    assert b"# TYPE trio_spirecsi_svids_expiring gauge\n" in response.body
+    assert b"_created" not in response.body
+
+
+@pytest.mark.parametrize("accept", ["", "application/openmetrics-text;version=1.0.0"])
+async def test_exposition_follows_prometheus_conventions(server: Server, accept: str) -> None:
+    """No _created series, every gauge typed gauge (no gauge histogram and its _gcount and
+    _gsum), and the standard process metrics with plausible values."""
+    server.expiries[:] = [time.time() + 600]
+    server.metrics.unpublish_total.inc()
+    server.metrics.errors_total.labels(kind="bad_svid").inc()
+    server.metrics.publish_duration.labels(outcome="ok").observe(0.2)
+    response = await request(server.port, "/metrics", headers=[f"Accept: {accept}"])
+    body = response.body.decode()
+    assert "_created" not in body
+    assert "_gcount" not in body and "_gsum" not in body
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", body, re.MULTILINE))
+    assert "gaugehistogram" not in types.values()
+    assert types["trio_spirecsi_svids_expiring"] == "gauge"
+    assert types["trio_spirecsi_svid_expiry_min_seconds"] == "gauge"
+    assert types["trio_spirecsi_volumes_published"] == "gauge"
+    found = {s.name: s.value for s in samples(response.body)}
+    for name in PROCESS_METRIC_NAMES:
+        assert name in found, name
+    assert found["process_resident_memory_bytes"] > 1 << 20
+    assert found["process_open_fds"] >= 3
+    assert abs(found["process_start_time_seconds"] - time.time()) < 86400
 
 
 async def test_healthz_answers_ok_even_when_not_ready(server: Server) -> None:
@@ -390,7 +430,7 @@ def test_parse_addr_accepts_the_documented_forms(addr: str, expected: tuple[str,
 @pytest.mark.parametrize(
     ("addr", "message"),
     [
-        ("9809", "no port"),
+        ("9809", "a port alone; write :9809"),
         ("0.0.0.0", "no port"),
         ("host:", "not a number"),
         ("host:http", "not a number"),
@@ -426,9 +466,9 @@ def test_every_metric_and_outcome_is_documented_for_operators() -> None:
     doc = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
     metrics = Metrics()
     metrics.set_expiry_source(lambda: [time.time() + 60])
-    names = {family.name for family in metrics.registry.collect()}
-    assert len(names) == len(METRIC_NAMES)
-    for family in metrics.registry.collect():
+    families = [f for f in metrics.registry.collect() if f.name.startswith("trio_spirecsi_")]
+    assert len({f.name for f in families}) == len(METRIC_NAMES)
+    for family in families:
         shown = family.name + ("_total" if family.type == "counter" else "")
         shown += "_info" if family.type == "info" else ""
         assert f"`{shown}`" in doc, shown
@@ -464,7 +504,7 @@ async def test_the_running_driver_reports_volumes_expiry_and_agent_readiness(
         assert value(body, "trio_spirecsi_agent_connected") == 1
         minimum = value(body, "trio_spirecsi_svid_expiry_min_seconds")
         assert minimum is not None and minimum > 0
-        assert value(body, "trio_spirecsi_svid_remaining_seconds_bucket", le="+Inf") == 1
+        assert value(body, "trio_spirecsi_svids_expiring", within_seconds="+Inf") == 1
         assert (await request(port, "/readyz")).status == 200
 
         await node.stop_agent()
@@ -477,3 +517,26 @@ async def test_the_running_driver_reports_volumes_expiry_and_agent_readiness(
         await wait_for_readyz(port, 200)
         reconnects = value(await scrape(), "trio_spirecsi_agent_reconnects_total")
         assert reconnects is not None and reconnects >= 1
+
+
+async def test_readyz_tells_a_refusing_agent_from_an_unreachable_one_and_recovers_fast(
+    tmp_path: Path,
+) -> None:
+    refusing = DevAgent("example.org", authorized_uids={os.getuid() + 4242})
+    (tmp_path / "node" / "spire").mkdir(parents=True)
+    async with open_node(tmp_path / "node", refusing) as node:
+        driver = await node.start_driver(metrics_addr="127.0.0.1:0")
+        assert driver.metrics_port
+        port = driver.metrics_port
+        response = await wait_for_readyz(port, 503)
+        assert response.body.startswith(b"agent refused: ")
+        assert b"authorized_delegates" in response.body
+        # Long enough for an exponential schedule to back off to many seconds; a refused
+        # driver keeps asking at least every second instead.
+        await trio.sleep(8)
+        refusing.authorized_uids = None
+        with trio.fail_after(4):  # generous: the schedule retries within a second
+            await wait_for_readyz(port, 200)
+        await node.stop_agent()
+        response = await wait_for_readyz(port, 503)
+        assert response.body.startswith(b"agent unreachable: ")

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import trio
 
-from tests.harness import eventually, mount_count, open_node, read_identity
+from tests.harness import (
+    detach_mounts_under,
+    eventually,
+    mount_count,
+    mounts_under,
+    open_node,
+    read_identity,
+)
 
 
 def rotated(target: Path, serial: int) -> Callable[[], bool]:
@@ -93,9 +102,7 @@ async def test_resume_drops_volumes_whose_pod_is_gone(tmp_path: Path) -> None:
         await node.start_driver()
         _volume_id, target = await node.publish(node.pod())
         await node.stop_driver()
-        from trio_spirecsi.storage.mount import LinuxMounter
-
-        LinuxMounter().unmount(target)
+        detach_mounts_under(target)
         pod_dir = target.parents[3]
         for path in sorted(pod_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
             path.rmdir()
@@ -106,3 +113,44 @@ async def test_resume_drops_volumes_whose_pod_is_gone(tmp_path: Path) -> None:
         assert node.agent.open_svid_subscriptions == []
         metadata = list(node.state_dir.rglob("metadata.json"))
         assert metadata == [], json.dumps([str(m) for m in metadata])
+
+
+@pytest.mark.parametrize(
+    ("how", "complaint"), [("outside", "is outside the kubelet folder"), ("symlink", "symlink")]
+)
+async def test_resume_checks_a_recorded_target_as_publish_does(
+    tmp_path: Path, how: str, complaint: str
+) -> None:
+    """A target in metadata.json gets the checks a kubelet request gets: one outside
+    --kubelet-dir, or reached through a symlink, is never mounted; the volume is set aside
+    without its keys, and the kubelet's unpublish still takes the old mount off."""
+    async with open_node(tmp_path / "n") as node:
+        await node.start_driver()
+        volume_id, target = await node.publish(node.pod())
+        await node.stop_driver()
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        if how == "outside":
+            forged = outside / "mount"
+        else:
+            (node.kubelet_dir / "pods" / "link").symlink_to(outside)
+            forged = node.kubelet_dir / "pods" / "link" / "mount"
+        record = node.state_dir / volume_id / "metadata.json"
+        doc = json.loads(record.read_bytes())
+        record.write_text(json.dumps({**doc, "target_path": str(forged)}))
+
+        await node.start_driver()
+
+        assert os.listdir(outside) == [] and mounts_under(outside) == []
+        assert node.volume_folders() == []
+        (aside,) = (node.state_dir / ".corrupt").iterdir()
+        note = json.loads((aside / "set-aside.json").read_bytes())
+        assert complaint in note["reason"] and str(forged) in note["reason"]
+        keys = [
+            p for p in node.state_dir.rglob("*") if p.is_file() and b"PRIVATE" in p.read_bytes()
+        ]
+        assert keys == []
+        assert mount_count(target) == 1
+        await node.client.unpublish(volume_id, str(target))
+        assert mount_count(target) == 0
+        assert node.agent.open_svid_subscriptions == []

@@ -8,8 +8,10 @@ random sequences of:
   same publish again, a conflicting one, unpublish (known, unknown, twice), retries after a
   failed call;
 - the agent: rotation, a new CA, an extra root in the bundle, an entry revoked and restored
-  (a pod that matches no entry at publish time), the agent stopped and started again (same
-  CA; a new agent with a new CA; a new agent that does not list the driver as a delegate);
+  (a pod that matches no entry at publish time), an identity's SVIDs sent malformed (a key
+  that is not a key) and then whole again, the agent stopped and started again (same CA; a
+  new agent with a new CA; a new agent that does not list the driver as a delegate);
+- the disk: a volume's data folder turned read-only under the driver, and repaired;
 - the driver: a graceful stop, a crash (its root scope cancelled after a random number of
   checkpoints, while a publish, an unpublish or a rotation is in flight), ``kill -9`` of a
   driver process, a restart on the same state directory;
@@ -29,8 +31,10 @@ What the driver guarantees, and therefore what is asserted:
   field, ALREADY_EXISTS, FAILED_PRECONDITION (no entry), UNAVAILABLE (agent or driver down)
   or PERMISSION_DENIED (not a delegate), and a failed publish leaves nothing behind;
 - a published volume's files always parse and its key matches its certificate (also while
-  no driver or no agent runs); with the agent up and the entry not revoked, the SVID is the
-  one the agent currently issues for the pod and the bundle is the agent's current one;
+  no driver or no agent runs, while the agent sends malformed data and while its folder is
+  read-only); with the agent up, the entry neither revoked nor malformed and the folder
+  writable, the SVID is the one the agent currently issues for the pod and the bundle is the
+  agent's current one;
 - NodeGetVolumeStats reports such a volume as normal, and one whose registration entry was
   revoked as abnormal;
 - the agent's open SVID streams are exactly one per held volume (no leaked stream), and no
@@ -311,6 +315,9 @@ class DriverMachine(RuleBasedStateMachine):
         self.agent_up = True
         self.agent_refuses = False
         self.revoked: set[str] = set()
+        self.garbled: set[str] = set()
+        self.readonly: set[str] = set()
+        """Volumes whose data folder is a read-only mount (a disk fault), by volume ID."""
         self.volumes: dict[str, Volume] = {}
         self.gone: dict[str, Volume] = {}
         self.aside: dict[str, tuple[int, int, int]] = {}
@@ -340,6 +347,7 @@ class DriverMachine(RuleBasedStateMachine):
             shutil.rmtree(self.root)
 
     async def _shutdown(self) -> None:
+        self._clear_faults()
         await self._stop_driver(graceful=True, check=False)
         self._close_node.set()
         with trio.fail_after(60):
@@ -394,7 +402,16 @@ class DriverMachine(RuleBasedStateMachine):
         return self.agent_up and not self.agent_refuses
 
     def entitled(self, volume: Volume) -> bool:
-        return self.entitled_agent and volume.spiffe_id not in self.revoked
+        """The agent issues this volume's identity, and sends it whole."""
+        return (
+            self.entitled_agent
+            and volume.spiffe_id not in self.revoked
+            and volume.spiffe_id not in self.garbled
+        )
+
+    def current(self, volume: Volume) -> bool:
+        """The volume's files must hold what the agent issues now."""
+        return self.driver_up and self.entitled(volume) and volume.volume_id not in self.readonly
 
     def _pick(self, pick: int, statuses: tuple[Status, ...]) -> Volume | None:
         """One of the volumes in ``statuses``, or None.
@@ -661,6 +678,11 @@ class DriverMachine(RuleBasedStateMachine):
                 raise Failure(f"publish without a registration entry answered {error!r}")
             if "no registration entry matched" not in error.message:
                 raise Failure(f"no-entry message does not say so: {error.message}")
+        elif volume.spiffe_id in self.garbled:
+            if error is None or error.code != StatusCode.FAILED_PRECONDITION:
+                raise Failure(f"publish while the agent sends malformed SVIDs answered {error!r}")
+            if "no usable SVID" not in error.message or "private key" not in error.message:
+                raise Failure(f"bad-data message does not say what is wrong: {error.message}")
         elif error is not None:
             raise Failure(f"publish of {volume.volume_id} failed: {error!r}")
 
@@ -732,6 +754,11 @@ class DriverMachine(RuleBasedStateMachine):
         error = self.unpublish(volume)
         if not self.driver_up:
             self._expect_unavailable_driver(error, "unpublish")
+        elif volume.volume_id in self.readonly and self._held(volume):
+            # Its folder cannot be deleted while the fault holds: INTERNAL with the reason
+            # (the kubelet retries), never OK with the files left behind.
+            if error is None or error.code != StatusCode.INTERNAL:
+                raise Failure(f"unpublish of a volume with a read-only folder answered {error!r}")
         elif error is not None:
             raise Failure(f"unpublish of {volume.volume_id} answered {error!r}")
         else:
@@ -809,11 +836,51 @@ class DriverMachine(RuleBasedStateMachine):
             agent = DevAgent(TRUST_DOMAIN, authorized_uids=refused)
             self.loop.call(self.node.start_agent, agent)
             self.revoked.clear()
+            self.garbled.clear()
             self.agent_refuses = kind == "refusing"
         self.agent_up = True
 
+    @rule(namespace=st.sampled_from(NAMESPACES), account=st.sampled_from(ACCOUNTS))
+    def garble(self, namespace: str, account: str) -> None:
+        """The agent sends this identity's SVIDs with a key that is not a key."""
+        spiffe_id = identity_of(namespace, account)
+        self.loop.call(self._sync, lambda: self.node.agent.garble(spiffe_id))
+        self.garbled.add(spiffe_id)
+
+    @precondition(lambda self: bool(self.garbled))
+    @rule(pick=st.integers(0, 7))
+    def ungarble(self, pick: int) -> None:
+        spiffe_id = sorted(self.garbled)[pick % len(self.garbled)]
+        self.loop.call(self._sync, lambda: self.node.agent.ungarble(spiffe_id))
+        self.garbled.discard(spiffe_id)
+
     async def _sync(self, fn: Callable[[], object]) -> None:
         fn()
+
+    # The disk ---------------------------------------------------------------------------
+
+    @rule(pick=st.integers(0, 7))
+    def readonly_folder(self, pick: int) -> None:
+        """The volume's data folder turns read-only (a remount, a failing disk): rotations
+        cannot land; the last files must stay whole and readable."""
+        volume = self._pick(pick, ("published",))
+        if volume is None or volume.volume_id in self.readonly:
+            return
+        data = self.node.state_dir / folder_name(volume.volume_id) / "data"
+        subprocess.run(["mount", "--bind", str(data), str(data)], check=True)
+        self.readonly.add(volume.volume_id)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(data), str(data)], check=True)
+
+    @precondition(lambda self: bool(self.readonly))
+    @rule()
+    def repair_folders(self) -> None:
+        self._clear_faults()
+
+    def _clear_faults(self) -> None:
+        for volume_id in sorted(self.readonly):
+            data = self.node.state_dir / folder_name(volume_id) / "data"
+            subprocess.run(["umount", str(data)], check=True)
+        self.readonly.clear()
 
     async def _rotate_now(self) -> None:
         self.node.agent.rotate()
@@ -824,7 +891,7 @@ class DriverMachine(RuleBasedStateMachine):
     @rule(pick=st.integers(0, 7), how=st.sampled_from(["truncate", "garbage", "empty", "other-id"]))
     def corrupt_metadata(self, pick: int, how: str) -> None:
         volume = self._pick(pick, ("published",))
-        if volume is None:
+        if volume is None or volume.volume_id in self.readonly:
             return
         path = self.node.state_dir / folder_name(volume.volume_id) / "metadata.json"
         text = path.read_bytes()
@@ -843,7 +910,7 @@ class DriverMachine(RuleBasedStateMachine):
     def half_written_generation(self, pick: int) -> None:
         """What a writer killed mid-write leaves: a partial generation and a temp link."""
         volume = self._pick(pick, ("published",))
-        if volume is None:
+        if volume is None or volume.volume_id in self.readonly:
             return
         data = self.node.state_dir / folder_name(volume.volume_id) / "data"
         partial = data / f"..2000_01_01_00_00_00.{self._next()}"
@@ -925,6 +992,8 @@ class DriverMachine(RuleBasedStateMachine):
             return
         for volume in self.volumes.values():
             revoked = self.entitled_agent and volume.spiffe_id in self.revoked
+            if volume.volume_id in self.readonly:
+                continue  # abnormal once a write failed, normal until then: both are right
             if not self._held(volume) or not (self.entitled(volume) or revoked):
                 continue
             try:
@@ -955,8 +1024,10 @@ class DriverMachine(RuleBasedStateMachine):
                 raise Failure(f"unpublished volume {volume.volume_id} is back: {folder}")
             if volume.target in mounted or os.path.lexists(volume.target):
                 raise Failure(f"unpublished volume {volume.volume_id}'s target is back")
+        faults = {state / folder_name(v) / "data" for v in self.readonly}
         for point in mounts_under(state) if state.exists() else []:
-            raise Failure(f"something is mounted in the state directory: {point}")
+            if point not in faults:
+                raise Failure(f"something is mounted in the state directory: {point}")
         for path, st_ in _files(state):
             if stat.S_ISREG(st_.st_mode) and st_.st_mode & 0o007:
                 try:
@@ -1038,7 +1109,7 @@ class DriverMachine(RuleBasedStateMachine):
             )
 
     def _check_files(self, volume: Volume) -> None:
-        current = self.driver_up and self.entitled(volume)
+        current = self.current(volume)
         if volume.status == "unpublish-uncertain":
             return
         if volume.status == "publish-uncertain" and not current:

@@ -107,6 +107,7 @@ from trio_spirecsi.devagent.entries import Entry
 from trio_spirecsi.grpc import RpcError, StatusCode, methods, open_channel
 from trio_spirecsi.spiffe import Preference
 from trio_spirecsi.spire.backoff import AGENT_RETRY
+from trio_spirecsi.spire.responses import split_der
 from trio_spirecsi.storage.metadata import MetadataStore, VolumeMetadata, folder_name
 
 LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
@@ -441,7 +442,7 @@ class Concurrent(Op):
         matching = {lost for where, lost in finals if where == ended}
         if not matching:
             m.fail(f"{vol.volume_id} ended at {ended}, not where an order leaves it: {finals}")
-        lost = matching.pop() if len(matching) == 1 else not m.node.mounter.is_mounted(vol.target)
+        lost = matching.pop() if len(matching) == 1 else m.node.seen(vol.target) is None
         m.volumes.pop(vol.volume_id, None)
         if ended is None:
             m.gone[vol.volume_id] = vol
@@ -526,7 +527,7 @@ class LoseMount(Op):
         vol = m.pick(self.pick, "published")
         if vol is None:
             return
-        m.node.mounter.unmount(vol.target)
+        m.node.mounter.lose(vol.target)
         vol.mount_lost = True
         if self.kubelet_notices:
             await PublishAgain(self.pick).apply(m)
@@ -1120,9 +1121,21 @@ class Machine:
         for vol in self.volumes.values():
             if not vol.spec.socket or not self.held(vol) or not self.served(vol):
                 continue
-            response = await _fetch_x509_svid(vol.folder / "data")
             files = vol.seen
             assert files is not None, f"{vol.volume_id}: files not checked"
+            now = self.node.now()
+            if now >= files.not_after:
+                # An expired SVID is never served (the stream waits for a valid one).
+                late = await _fetch_x509_svid(vol.folder / "data", timeout=1.0)
+                expired = [
+                    svid.spiffe_id
+                    for svid in (late.svids if late is not None else ())
+                    if _not_after(svid.x509_svid) <= self.node.now()
+                ]
+                assert not expired, f"{vol.volume_id}: the socket serves expired {expired}"
+                continue
+            response = await _fetch_x509_svid(vol.folder / "data", timeout=SETTLE)
+            assert response is not None, f"{vol.volume_id}: the socket sent no SVID"
             first = response.svids[0]
             serial = x509.load_der_x509_certificate(first.x509_svid).serial_number
             assert (first.spiffe_id, serial) == (files.spiffe_id, files.serial), (
@@ -1166,6 +1179,12 @@ def _generation(folder: Path) -> tuple[str, bytes]:
     return name, digest.digest()
 
 
+def _not_after(chain: bytes) -> float:
+    """The leaf's expiry in a Workload API SVID (DER certificates, leaf first)."""
+    leaf = x509.load_der_x509_certificate(split_der(chain)[0])
+    return leaf.not_valid_after_utc.timestamp()
+
+
 def _jwt_claims(token: str) -> dict[str, object]:
     part = token.split(".")[1]
     claims = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
@@ -1173,7 +1192,8 @@ def _jwt_claims(token: str) -> dict[str, object]:
     return claims
 
 
-async def _fetch_x509_svid(folder: Path) -> wl.X509SVIDResponse:
+async def _fetch_x509_svid(folder: Path, *, timeout: float) -> wl.X509SVIDResponse | None:
+    """The first FetchX509SVID answer on the volume's socket; None if none in ``timeout``."""
     fd = os.open(folder, os.O_PATH | os.O_DIRECTORY)
     try:
         async with (
@@ -1182,16 +1202,18 @@ async def _fetch_x509_svid(folder: Path) -> wl.X509SVIDResponse:
                 methods.FETCH_X509_SVID,
                 wl.X509SVIDRequest(),
                 metadata={"workload.spiffe.io": "true"},
-                timeout=SETTLE,
+                timeout=timeout,
             ) as stream,
         ):
             async for response in stream:
                 return response
     except RpcError as exc:
+        if exc.code == StatusCode.DEADLINE_EXCEEDED:
+            return None
         raise AssertionError(f"the socket in {folder} failed: {exc!r}") from exc
     finally:
         os.close(fd)
-    raise AssertionError(f"the socket in {folder} sent nothing")
+    raise AssertionError(f"the socket in {folder} ended its stream")
 
 
 def _readable_by_others(folder: str) -> Iterator[str]:

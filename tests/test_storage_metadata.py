@@ -9,6 +9,7 @@ import json
 import os
 import re
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,16 +18,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.harness import detach_mounts_under
 from trio_spirecsi.storage import (
     FileContent,
     LinuxMounter,
+    LoadResult,
     MetadataError,
     MetadataStore,
     StorageError,
+    TargetDir,
     VolumeMetadata,
+    open_target,
     write_atomically,
 )
 from trio_spirecsi.storage.metadata import folder_name
+from trio_spirecsi.storage.mount import mount_table
 
 KUBELET_ID = "csi-" + "ab" * 32
 
@@ -215,8 +221,10 @@ def test_a_failed_write_keeps_the_previous_record(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError) as info:
         store.write(_md(node_id="node-b"))
+    assert info.value.errno == errno.ENOSPC
+    assert str(store.volume_dir(KUBELET_ID)) in str(info.value)
     monkeypatch.undo()
 
     assert store.read(KUBELET_ID) == _md()
@@ -275,21 +283,128 @@ def test_an_empty_state_dir_loads_nothing(store: MetadataStore) -> None:
     assert (result.valid, result.corrupt, result.orphans) == ([], [], [])
 
 
-def test_set_aside_keeps_a_corrupt_folder_with_its_modes(store: MetadataStore) -> None:
-    folder = _corrupt(store, "vol-c", b"garbage")
-    write_atomically(folder / "data", {"svid_key.pem": FileContent(b"key", 0o600)}, gid=None)
+def _files_under(root: Path) -> list[Path]:
+    """Every file and symlink below ``root`` (symlinks not followed)."""
+    found = []
+    for top, dirs, names in os.walk(root):
+        found += [Path(top) / n for n in names]
+        found += [Path(top) / d for d in dirs if (Path(top) / d).is_symlink()]
+    return found
+
+
+def _keys_under(root: Path) -> list[Path]:
+    return [
+        path
+        for path in _files_under(root)
+        if not path.is_symlink() and b"PRIVATE KEY" in path.read_bytes()
+    ]
+
+
+def _volume_with_secrets(store: MetadataStore, name: str, outside: Path) -> Path:
+    """A volume folder with everything secret a volume can hold, and a link to a key outside."""
+    folder = _corrupt(store, name, b"garbage")
+    files = {
+        "svid.pem": FileContent(b"-----BEGIN CERTIFICATE-----\n", 0o644),
+        "svid_key.pem": FileContent(b"-----BEGIN PRIVATE KEY-----\nsecret\n", 0o600),
+        "svid_bundle.pem": FileContent(b"-----BEGIN CERTIFICATE-----\n", 0o644),
+        "credentials.p12": FileContent(b"-----BEGIN ENCRYPTED PRIVATE KEY-----\n", 0o600),
+        "jwt_svid.token": FileContent(b"eyJhbGciOiJFUzI1NiJ9.e30.c2ln", 0o600),
+    }
+    write_atomically(folder / "data", files, gid=None)
+    write_atomically(
+        folder / "data",
+        {**files, "svid_key.pem": FileContent(b"-----BEGIN EC PRIVATE KEY-----\nrotated\n", 0o600)},
+        gid=None,
+    )
+    (folder / "data" / "..2000_01_01_00_00_00.1").mkdir()  # a half-written generation
+    (folder / "data" / "..2000_01_01_00_00_00.1" / "svid_key.pem").write_bytes(
+        b"-----BEGIN PRIVATE KEY-----\npartial"
+    )
+    (folder / "stray_key.pem").write_bytes(b"-----BEGIN RSA PRIVATE KEY-----\n")
+    (folder / "link-out").symlink_to(outside)
+    return folder
+
+
+def test_set_aside_keeps_the_metadata_and_a_note_and_no_key(
+    store: MetadataStore, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside.pem"
+    outside.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot the store's\n")
+    folder = _volume_with_secrets(store, "vol-c", outside)
+
+    moved = store.set_aside(folder, "metadata.json is corrupt: not JSON")
+
+    assert not os.path.lexists(folder)
+    assert moved.parent == store.state_dir / ".corrupt"
+    assert re.fullmatch(r"vol-c-\d{8}T\d{6}Z", moved.name)
+    assert sorted(os.listdir(moved)) == ["metadata.json", "set-aside.json"]
+    assert (moved / "metadata.json").read_bytes() == b"garbage"
+    note = json.loads((moved / "set-aside.json").read_bytes())
+    assert note["folder"] == "vol-c"
+    assert note["reason"] == "metadata.json is corrupt: not JSON"
+    assert note["metadata_kept"] is True
+    assert note["deleted"] == ["data", "link-out", "stray_key.pem"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", note["set_aside_at"])
+    assert _keys_under(store.state_dir) == []
+    for path in (moved, moved.parent, moved / "metadata.json", moved / "set-aside.json"):
+        assert stat.S_IMODE(os.lstat(path).st_mode) & 0o077 == 0, path
+    assert outside.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert store.load_all() == LoadResult(valid=[], corrupt=[], orphans=[])
+
+
+def test_a_metadata_file_holding_a_key_is_not_kept(store: MetadataStore) -> None:
+    folder = _corrupt(store, "vol-k", b'{"oops": "-----BEGIN PRIVATE KEY-----"}')
 
     moved = store.set_aside(folder)
 
-    assert not folder.exists()
-    assert moved.parent == store.state_dir / ".corrupt"
-    assert re.fullmatch(r"vol-c-\d{8}T\d{6}Z", moved.name)
-    assert (moved / "metadata.json").read_bytes() == b"garbage"
-    assert (moved / "data" / "svid_key.pem").read_bytes() == b"key"
-    assert stat.S_IMODE(os.stat(moved / "data" / "svid_key.pem").st_mode) == 0o600
-    assert stat.S_IMODE(os.stat(moved).st_mode) == 0o700
-    assert stat.S_IMODE(os.stat(moved.parent).st_mode) == 0o700
-    assert store.load_all().corrupt == []
+    assert os.listdir(moved) == ["set-aside.json"]
+    assert json.loads((moved / "set-aside.json").read_bytes())["metadata_kept"] is False
+    assert _keys_under(store.state_dir) == []
+
+
+def test_a_symlinked_metadata_file_is_not_kept(store: MetadataStore, tmp_path: Path) -> None:
+    (tmp_path / "elsewhere.json").write_text("{}")
+    folder = store.state_dir / "vol-l"
+    folder.mkdir()
+    (folder / "metadata.json").symlink_to(tmp_path / "elsewhere.json")
+
+    moved = store.set_aside(folder)
+
+    assert os.listdir(moved) == ["set-aside.json"]
+    assert (tmp_path / "elsewhere.json").read_text() == "{}"
+
+
+def test_corrupt_keeps_only_the_newest_entries(tmp_path: Path) -> None:
+    store = MetadataStore(tmp_path / "state", keep_corrupt=3)
+    moved = [store.set_aside(_corrupt(store, f"vol-{n}", b"x"), f"round {n}") for n in range(5)]
+
+    kept = sorted((store.state_dir / ".corrupt").iterdir())
+    assert kept == sorted(moved[2:])
+    reasons = {json.loads((p / "set-aside.json").read_bytes())["reason"] for p in kept}
+    assert reasons == {"round 2", "round 3", "round 4"}
+
+
+def test_keep_corrupt_must_not_be_negative(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="keep_corrupt"):
+        MetadataStore(tmp_path / "state", keep_corrupt=-1)
+
+
+def test_start_deletes_keys_an_older_driver_left_in_corrupt(tmp_path: Path) -> None:
+    store = MetadataStore(tmp_path / "state")
+    old = store.state_dir / ".corrupt" / "vol-old-20250101T000000Z"
+    old.mkdir(parents=True)
+    key = {"svid_key.pem": FileContent(b"-----BEGIN PRIVATE KEY-----", 0o600)}
+    write_atomically(old / "data", key, gid=None)
+    (old / "metadata.json").write_bytes(b"{}")
+    clean = store.set_aside(_corrupt(store, "vol-new", b"new"))
+    clean_before = {p: os.lstat(p).st_mtime_ns for p in _files_under(clean)}
+
+    result = store.load_all()
+
+    assert result == LoadResult(valid=[], corrupt=[], orphans=[])
+    assert os.listdir(old) == ["metadata.json"]
+    assert _keys_under(store.state_dir) == []
+    assert {p: os.lstat(p).st_mtime_ns for p in _files_under(clean)} == clean_before
 
 
 def test_setting_aside_the_same_name_twice_keeps_both(store: MetadataStore) -> None:
@@ -355,10 +470,15 @@ def test_an_orphan_can_be_removed_by_path(store: MetadataStore) -> None:
 
 @pytest.fixture
 def mounter(private_mount_ns: None, tmp_path: Path) -> Iterator[LinuxMounter]:
-    m = LinuxMounter()
-    yield m
-    for target in (tmp_path / "target", tmp_path / "state" / KUBELET_ID / "data" / "inner"):
-        m.unmount(target)
+    yield LinuxMounter()
+    detach_mounts_under(tmp_path)
+
+
+def _pod_target(tmp_path: Path) -> TargetDir:
+    kubelet = tmp_path / "kubelet"
+    parent = kubelet / "pods" / "uid" / "volumes" / "kubernetes.io~csi" / "spiffe"
+    parent.mkdir(parents=True, exist_ok=True)
+    return open_target(kubelet, parent / "mount")
 
 
 def test_remove_refuses_while_a_mount_is_inside(
@@ -371,7 +491,7 @@ def test_remove_refuses_while_a_mount_is_inside(
     (elsewhere / "precious").write_text("keep")
     inner = folder / "data" / "inner"
     inner.mkdir()
-    mounter.bind_readonly(elsewhere, inner)
+    subprocess.run(["mount", "--bind", str(elsewhere), str(inner)], check=True)
 
     with pytest.raises(StorageError) as info:
         store.remove(KUBELET_ID)
@@ -380,7 +500,7 @@ def test_remove_refuses_while_a_mount_is_inside(
     assert "mount point" in str(info.value)
     assert (folder / "metadata.json").exists()
     assert (elsewhere / "precious").read_text() == "keep"
-    mounter.unmount(inner)
+    detach_mounts_under(inner)
     store.remove(KUBELET_ID)
     assert not folder.exists()
 
@@ -390,14 +510,68 @@ def test_remove_refuses_while_the_data_is_bind_mounted_into_a_pod(
 ) -> None:
     folder = store.write(_md())
     write_atomically(folder / "data", {"svid.pem": FileContent(b"c", 0o644)}, gid=None)
-    target = tmp_path / "target"
-    target.mkdir()
-    mounter.bind_readonly(folder / "data", target)
+    with _pod_target(tmp_path) as target:
+        mounter.bind_readonly(folder / "data", target)
 
-    with pytest.raises(StorageError, match=re.escape(f"mounted at {target}")):
-        store.remove(KUBELET_ID)
+        with pytest.raises(StorageError, match=re.escape(f"mounted at {target.path}")):
+            store.remove(KUBELET_ID)
 
-    assert (target / "svid.pem").read_bytes() == b"c"
-    mounter.unmount(target)
+        assert (target.path / "svid.pem").read_bytes() == b"c"
+        assert mounter.unmount(target, folder / "data").removed == 1
     store.remove(KUBELET_ID)
     assert not folder.exists()
+
+
+def test_remove_refuses_while_the_pods_mount_is_hidden_under_another(
+    store: MetadataStore, mounter: LinuxMounter, tmp_path: Path
+) -> None:
+    folder = store.write(_md())
+    write_atomically(folder / "data", {"svid.pem": FileContent(b"c", 0o644)}, gid=None)
+    (tmp_path / "cover").mkdir()
+    with _pod_target(tmp_path) as target:
+        mounter.bind_readonly(folder / "data", target)
+        subprocess.run(["mount", "--bind", str(tmp_path / "cover"), str(target.path)], check=True)
+
+        with pytest.raises(StorageError, match="mounted at"):
+            store.remove(KUBELET_ID)
+    assert (folder / "data" / "svid.pem").read_bytes() == b"c"
+
+
+def test_set_aside_refuses_while_a_mount_is_inside_and_changes_nothing(
+    store: MetadataStore, mounter: LinuxMounter, tmp_path: Path
+) -> None:
+    folder = _volume_with_secrets(store, "vol-m", tmp_path / "nowhere")
+    inner = folder / "data" / "inner"
+    inner.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "precious").write_text("keep")
+    subprocess.run(["mount", "--bind", str(tmp_path / "elsewhere"), str(inner)], check=True)
+    before = sorted(_files_under(folder))
+
+    with pytest.raises(StorageError) as info:
+        store.set_aside(folder)
+
+    assert info.value.errno == errno.EBUSY
+    assert f"{inner} is a mount point inside it" in str(info.value)
+    assert sorted(_files_under(folder)) == before
+    assert not (store.state_dir / ".corrupt").exists()
+    assert (tmp_path / "elsewhere" / "precious").read_text() == "keep"
+
+
+def test_set_aside_of_data_a_pod_still_sees_deletes_the_keys_and_unpublish_still_unmounts(
+    store: MetadataStore, mounter: LinuxMounter, tmp_path: Path
+) -> None:
+    folder = _volume_with_secrets(store, KUBELET_ID, tmp_path / "nowhere")
+    with _pod_target(tmp_path) as target:
+        mounter.bind_readonly(folder / "data", target)
+        assert b"PRIVATE KEY" in (target.path / "svid_key.pem").read_bytes()
+
+        moved = store.set_aside(folder, "resume failed")
+
+        assert os.listdir(target.path) == []
+        assert _keys_under(store.state_dir) == []
+        note = json.loads((moved / "set-aside.json").read_bytes())
+        assert note["was_mounted_at"] == [str(target.path)]
+        result = mounter.unmount(target, store.data_dir(KUBELET_ID))
+        assert (result.removed, result.clean) == (1, True)
+    assert not any(m.mount_point.is_relative_to(tmp_path) for m in mount_table())

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.generations import read_current
-from trio_spirecsi.storage import FileContent, write_atomically
+from trio_spirecsi.storage import FileContent, StorageError, write_atomically
 from trio_spirecsi.storage import writer as writer_module
 
 Files = Mapping[str, FileContent]
@@ -141,8 +141,24 @@ def test_nothing_written_yet_reads_as_missing(tmp_path: Path) -> None:
 
 
 def test_the_parent_folder_must_exist(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(StorageError) as info:
         write_atomically(tmp_path / "missing" / "data", CERT_AND_KEY, gid=None)
+    assert info.value.errno == errno.ENOENT
+    assert str(tmp_path / "missing" / "data") in str(info.value)
+
+
+def test_a_full_filesystem_is_a_storage_error_naming_the_folder(tmpfs: Path) -> None:
+    small = tmpfs / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(small)], check=True)
+    try:
+        big = {"svid.pem": FileContent(b"x" * 65536, 0o644)}
+        with pytest.raises(StorageError) as info:
+            write_atomically(small / "data", big, gid=None)
+        assert info.value.errno == errno.ENOSPC
+        assert str(small / "data") in str(info.value)
+    finally:
+        subprocess.run(["umount", "--lazy", str(small)], check=True)
 
 
 def test_works_on_tmpfs_like_production(tmpfs: Path) -> None:

@@ -30,6 +30,7 @@ from spiffe.workloadapi.errors import (
 )
 
 from benchmarks.workload_api import workload_api_latency
+from tests.h2_raw import FRAME_SIZE_ERROR, RawPeer, deflate_bomb, grpc_message, request_headers
 from tests.harness import Node, eventually, mount_count, open_node, read_identity
 from trio_spirecsi._proto.spiffe.workload import workload_pb2 as wl
 from trio_spirecsi.devagent.agent import DevAgent
@@ -560,11 +561,59 @@ async def test_a_resumed_volume_waits_for_the_agent_then_answers(
 
 
 async def test_latency_benchmark_measures_each_call_and_cleans_up(node: Node) -> None:
-    rows = await workload_api_latency(node.client, node.kubelet_dir, calls=5)
+    rotations: list[int] = []
+
+    def rotate() -> None:
+        rotations.append(1)
+        node.agent.rotate("spiffe://example.org/ns/bench/sa/socket")
+
+    rows = await workload_api_latency(
+        node.client, node.kubelet_dir, calls=5, rotate=rotate, rotations=3
+    )
     assert [name.split(",")[0] for name, _ in rows] == [
         "Workload API FetchX509SVID",
         "Workload API FetchJWTSVID",
         "Workload API ValidateJWTSVID",
+        "SDS first StreamSecrets response",
+        "SDS push after a rotation",
     ]
+    assert len(rotations) == 3
     assert all(re.fullmatch(r"\d+\.\d\d ms / \d+\.\d\d ms", value) for _, value in rows)
     assert node.volume_folders() == []
+
+
+async def test_a_hostile_pod_loses_its_own_connections_and_nothing_else(
+    node: Node, pods: Path
+) -> None:
+    """The driver serves every pod on the node: one pod's bad bytes end only its connection."""
+    _, _, socket = await publish_with_socket(node, pods, name="evil-0", sa="evil")
+    _, _, other = await publish_with_socket(node, pods, name="web-0", sa="web")
+    path = methods.FETCH_JWT_SVID.path
+    workload = ("workload.spiffe.io", "true")
+
+    headers = await RawPeer.connect(str(socket))  # a header value that is not UTF-8
+    await headers.start_client()
+    await headers.call(1, path, b"", workload, ("x-evil", b"\xff\xfe\xfd"))
+    bad_header = await headers.status(1)
+
+    bomb = await RawPeer.connect(str(socket))  # 64 MiB of zeros in 64 KiB of deflate
+    await bomb.start_client()
+    packed = deflate_bomb(64 * 1024 * 1024)
+    await bomb.send(
+        bomb.headers(1, request_headers(path, workload, ("grpc-encoding", "deflate"))),
+        *bomb.data_frames(1, grpc_message(packed, compressed=True), end_stream=True),
+    )
+    bombed = await bomb.status(1)
+
+    oversized = await RawPeer.connect(str(socket))  # a frame beyond every limit
+    await oversized.start_client()
+    await oversized.send(b"\x7f\xff\xff\x00\x00\x00\x00\x00\x01")
+    goaway = await oversized.goaway()
+
+    assert bad_header["grpc-status"] == str(StatusCode.INTERNAL.value)
+    assert bombed["grpc-status"] == str(StatusCode.RESOURCE_EXHAUSTED.value)
+    assert goaway.error_code == FRAME_SIZE_ERROR
+    assert await node.client.probe()
+    for served in (socket, other):
+        svid = await spiffe(served, lambda c: c.fetch_x509_svid())
+        assert str(svid.spiffe_id).startswith("spiffe://example.org/ns/default/sa/")

@@ -1,4 +1,9 @@
-"""``trio-spirecsi``: serve | dev-agent | demo | csi | healthcheck."""
+"""``trio-spirecsi``: serve | dev-agent | demo | csi | healthcheck.
+
+A user's mistake (a bad flag, a port in use, a socket nobody listens on) ends with one line
+on stderr that names the flag and its value and says what to do, never a traceback: exit
+status 2 for a setting the command cannot use, 1 when the command ran and failed.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,59 @@ import signal
 import sys
 import uuid
 from collections.abc import Sequence
+from typing import NoReturn
 
 import trio
 
 from . import __version__, log
-from .config import ConfigError, add_serve_arguments, parse_csi_endpoint, settings_from_args
-from .grpc import RpcError, open_channel
+from .config import (
+    REQUIRED_SERVE_FLAGS,
+    ConfigError,
+    add_serve_arguments,
+    parse_csi_endpoint,
+    settings_from_args,
+)
+from .grpc import RpcError, StatusCode, open_channel
+
+USAGE_ERROR = 2
+"""Exit status for a flag or setting the command cannot use (argparse's own)."""
+FAILED = 1
+"""Exit status for a command that ran and failed."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``prog: problem; see prog --help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: {message}; see {self.prog} --help\n")
+
+
+def _fail(command: str, message: str, code: int = FAILED) -> int:
+    print(f"trio-spirecsi {command}: {message}", file=sys.stderr)
+    return code
+
+
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first exception inside (possibly nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
+    return [exc]
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -22,8 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ConfigError as exc:
-        print(f"trio-spirecsi serve: {exc}", file=sys.stderr)
-        return 2
+        return _fail("serve", str(exc), USAGE_ERROR)
     log.setup(settings.log_level, settings.log_format)
 
     async def main() -> None:
@@ -41,18 +92,34 @@ def _serve(args: argparse.Namespace) -> int:
                     nursery.cancel_scope.cancel()
                     break
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseException as exc:
+        startup = [e for e in leaves(exc) if isinstance(e, daemon.StartupError)]
+        if not startup:
+            raise
+        return _fail("serve", str(startup[0]), USAGE_ERROR)
     return 0
 
 
 def _csi(args: argparse.Namespace) -> int:
     from .csi.client import CSIClient, Pod, publish_request, volume_context
 
+    command = f"csi {args.action}"
     endpoint = args.endpoint or os.environ.get("TRIO_SPIRECSI_CSI_ENDPOINT", "")
+    flag = "--endpoint" if args.endpoint else "TRIO_SPIRECSI_CSI_ENDPOINT"
     if not endpoint:
-        print("trio-spirecsi csi: give --endpoint (or TRIO_SPIRECSI_CSI_ENDPOINT)", file=sys.stderr)
-        return 2
-    path = str(parse_csi_endpoint(endpoint))
+        return _fail(
+            command,
+            "no driver socket; give --endpoint unix:///path/to/csi.sock "
+            "(or TRIO_SPIRECSI_CSI_ENDPOINT)",
+            USAGE_ERROR,
+        )
+    try:
+        path = str(parse_csi_endpoint(endpoint, flag))
+        attributes = dict(_pair(a) for a in getattr(args, "attr", []))
+    except ConfigError as exc:
+        return _fail(command, str(exc), USAGE_ERROR)
 
     async def main() -> int:
         async with open_channel(path) as channel:
@@ -64,7 +131,6 @@ def _csi(args: argparse.Namespace) -> int:
                 node = await client.node_info()
                 print(f"driver={info.name} version={info.vendor_version} node_id={node.node_id}")
             elif args.action == "publish":
-                attributes = dict(_pair(a) for a in args.attr)
                 pod = Pod(args.pod_name, args.namespace, args.pod_uid, args.service_account)
                 request = publish_request(
                     args.volume_id,
@@ -74,7 +140,11 @@ def _csi(args: argparse.Namespace) -> int:
                     readonly=not args.read_write,
                 )
                 await client.publish(request)
-                print(f"published {args.volume_id} at {args.target_path}")
+                print(
+                    f"published {args.volume_id} at {args.target_path} for pod "
+                    f"{pod.namespace}/{pod.name} (service account {pod.service_account}, "
+                    f"uid {pod.uid})"
+                )
             elif args.action == "unpublish":
                 await client.unpublish(args.volume_id, args.target_path)
                 print(f"unpublished {args.volume_id}")
@@ -90,43 +160,59 @@ def _csi(args: argparse.Namespace) -> int:
 
     try:
         return trio.run(main)
-    except RpcError as exc:
-        print(f"{exc.code.name}: {exc.message}", file=sys.stderr)
-        return 1
+    except BaseException as exc:
+        leaf = first_leaf(exc)
+        if not isinstance(leaf, RpcError):
+            raise
+        if leaf.code == StatusCode.UNAVAILABLE:
+            return _fail(
+                command,
+                f"{flag} {endpoint!r}: the driver does not answer ({leaf.message}); check "
+                "that it runs and that this is its CSI socket",
+            )
+        return _fail(command, f"{leaf.code.name}: {leaf.message}")
 
 
 def _pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
-    if not sep:
-        raise SystemExit(f"--attr {text!r}: write it as key=value")
+    if not sep or not key:
+        raise ConfigError(f"--attr {text!r}: write it as key=value")
     return key, value
 
 
 def _healthcheck(args: argparse.Namespace) -> int:
-    from .httpserver import check_health
+    from .httpserver import health_problem
 
     try:
-        healthy = trio.run(check_health, args.url, args.timeout)
-    except ValueError as exc:
-        print(f"trio-spirecsi healthcheck: {exc}", file=sys.stderr)
-        return 2
-    return 0 if healthy else 1
+        problem = trio.run(health_problem, args.url, args.timeout)
+    except ValueError:
+        return _fail(
+            "healthcheck", f"--url {args.url!r}: expected http://host:port/path", USAGE_ERROR
+        )
+    if problem is None:
+        return 0
+    return _fail(
+        "healthcheck",
+        f"--url {args.url!r}: {problem}; check that the driver runs with --metrics-addr "
+        "on that port",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="trio-spirecsi",
         description="CSI driver that delivers SPIFFE identities from a SPIRE agent into pods.",
     )
     parser.add_argument("--version", action="version", version=__version__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     serve = commands.add_parser(
         "serve",
         help="run the CSI node driver (the DaemonSet's command)",
         description="Serve CSI Identity and Node on --csi-endpoint and keep every published "
         "volume's SVID files current from the SPIRE agent at --admin-socket. SIGTERM stops "
-        "serving and leaves volumes mounted; a restarted driver resumes them.",
+        "serving and leaves volumes mounted; a restarted driver resumes them. Required: "
+        f"{', '.join(REQUIRED_SERVE_FLAGS)} (each as a flag or its environment variable).",
     )
     add_serve_arguments(serve)
     serve.set_defaults(run=_serve)
@@ -148,44 +234,84 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(run=demo.run)
 
-    client = commands.add_parser("csi", help="a small kubelet-like client for a running driver")
-    client.add_argument("--endpoint", help="driver socket (env TRIO_SPIRECSI_CSI_ENDPOINT)")
-    client.add_argument("--timeout", type=float, default=120.0, help="seconds per call")
-    actions = client.add_subparsers(dest="action", required=True)
+    client = commands.add_parser(
+        "csi",
+        help="a small kubelet-like client for a running driver",
+        description="Call a running driver the way the kubelet does.",
+    )
+    client.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="the driver's CSI socket, unix:///path or /path "
+        "(default: env TRIO_SPIRECSI_CSI_ENDPOINT; one of the two is required)",
+    )
+    client.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=120.0,
+        metavar="S",
+        help="seconds per call (default: %(default)g)",
+    )
+    actions = client.add_subparsers(dest="action", required=True, parser_class=Parser)
     actions.add_parser("probe", help="CSI Probe")
     actions.add_parser("info", help="GetPluginInfo and NodeGetInfo")
-    pub = actions.add_parser("publish", help="NodePublishVolume for a pod's inline volume")
-    pub.add_argument("--volume-id", required=True)
-    pub.add_argument("--target-path", required=True)
-    pub.add_argument("--pod-name", default="demo")
-    pub.add_argument("--namespace", default="default")
-    pub.add_argument("--pod-uid", default=str(uuid.uuid4()))
-    pub.add_argument("--service-account", default="default")
-    pub.add_argument("--fs-group", default="", help="volume_mount_group (the pod's fsGroup)")
+    pub = actions.add_parser(
+        "publish",
+        help="NodePublishVolume for a pod's inline volume",
+        description="NodePublishVolume as the kubelet sends it for an inline volume. The pod "
+        "identity flags become the SPIRE selectors: without them the volume is published "
+        "for pod default/demo with service account default.",
+    )
+    pub.add_argument("--volume-id", required=True, help="(required)")
+    pub.add_argument("--target-path", required=True, help="(required) under the kubelet dir")
+    pub.add_argument("--pod-name", default="demo", help="(default: %(default)s)")
+    pub.add_argument("--namespace", default="default", help="(default: %(default)s)")
+    pub.add_argument("--pod-uid", default=str(uuid.uuid4()), help="(default: a new random UUID)")
+    pub.add_argument("--service-account", default="default", help="(default: %(default)s)")
+    pub.add_argument(
+        "--fs-group", default="", help="volume_mount_group, the pod's fsGroup (default: none)"
+    )
     pub.add_argument(
         "--attr",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="volume attribute, e.g. csi.spire.io/svid-file=tls.crt (repeatable)",
+        help="volume attribute, e.g. csi.spire.io/svid-file=tls.crt (repeatable; default: none)",
     )
-    pub.add_argument("--read-write", action="store_true", help="send readonly=false")
+    pub.add_argument(
+        "--read-write", action="store_true", help="send readonly=false (default: readonly=true)"
+    )
     for name in ("unpublish", "stats"):
         sub = actions.add_parser(name, help=f"Node{name.capitalize()}Volume")
-        sub.add_argument("--volume-id", required=True)
-        sub.add_argument("--target-path", required=True)
+        sub.add_argument("--volume-id", required=True, help="(required)")
+        sub.add_argument("--target-path", required=True, help="(required)")
     client.set_defaults(run=_csi)
 
-    health = commands.add_parser("healthcheck", help="exit 0 when the driver's /healthz answers")
-    health.add_argument("--url", default="http://127.0.0.1:9809/healthz")
-    health.add_argument("--timeout", type=float, default=3.0)
+    health = commands.add_parser(
+        "healthcheck",
+        help="exit 0 when the driver's /healthz answers",
+        description="Exit 0 when URL answers 200; otherwise print why and exit 1.",
+    )
+    health.add_argument(
+        "--url", default="http://127.0.0.1:9809/healthz", help="(default: %(default)s)"
+    )
+    health.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=3.0,
+        metavar="S",
+        help="seconds (default: %(default)g)",
+    )
     health.set_defaults(run=_healthcheck)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code: int = args.run(args)
+    try:
+        code: int = args.run(args)
+    except KeyboardInterrupt:
+        return 130
     return code
 
 

@@ -25,12 +25,38 @@ from cryptography.hazmat.primitives import serialization
 
 from .csi.client import CSIClient, Pod, publish_request, volume_context
 from .grpc import open_channel
-from .storage.mount import LinuxMounter
+from .storage.mount import mount_table
+
+NEXT_STEPS = """
+== next: run it in a cluster whose SPIRE came from its Helm chart
+   docs/operations.md   step by step: SPIRE chart values, the driver, a first workload
+   k8s/                 kubectl apply -k k8s/  (k8s/spire/helm-values.yaml for the SPIRE release)
+   charts/trio-spirecsi helm install trio-spirecsi charts/trio-spirecsi -n spire-system"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--svid-ttl", type=int, default=20, help="SVID lifetime in seconds")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument(
+        "--svid-ttl",
+        type=_seconds,
+        default=20,
+        metavar="S",
+        help="SVID lifetime in seconds; the agent rotates at half of it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary folder (default: removed at the end)",
+    )
+
+
+def _seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 2 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 2 to 3600")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,13 +162,14 @@ async def _demo(ttl: int, keep: bool) -> int:
 
             _say("NodeUnpublishVolume")
             await client.unpublish("csi-demo", str(target))
-            mounted = LinuxMounter().is_mounted(target)
+            mounted = any(m.mount_point == target for m in mount_table())
             leftovers = [p.name for p in state.iterdir()] if state.exists() else []
             print(f"   target still mounted: {'yes' if mounted else 'no'}")
             print(f"   volume folders left in the state dir: {leftovers or 'none'}")
             if mounted or leftovers:
                 return 1
         _say("done: the agent stream is closed, the mount is gone, the files are gone")
+        print(NEXT_STEPS, flush=True)
         return 0
     finally:
         for proc in reversed(procs):

@@ -18,7 +18,10 @@ from urllib.parse import urlsplit
 import trio
 
 from . import log
+from .config import parse_addr
 from .metrics import Metrics
+
+__all__ = ["check_health", "health_problem", "open_listeners", "parse_addr", "serve_http"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,32 +47,6 @@ _REASONS = {
 _REQUEST_LINE = re.compile(rb"([A-Z]{1,16}) (/[\x21-\x7e]*) HTTP/1\.[01]")
 _HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\x20-\x7e\x80-\xff\t]*?)[ \t]*")
 _TEXT = "text/plain; charset=utf-8"
-
-
-def parse_addr(addr: str) -> tuple[str, int]:
-    """``"host:port"``, ``":port"`` (every interface) or ``"[::1]:port"`` -> (host, port).
-
-    The host of ``":port"`` is ``""``, which :func:`serve_http` binds on every interface.
-    Raises ValueError with the accepted forms when ``addr`` is none of them.
-    """
-    forms = "expected host:port, :port or [ipv6]:port, e.g. 0.0.0.0:9809"
-    host, sep, port_text = addr.rpartition(":")
-    if not sep:
-        raise ValueError(f"metrics address {addr!r}: no port; {forms}")
-    if host.startswith("["):
-        if not host.endswith("]") or len(host) < 3:
-            raise ValueError(f"metrics address {addr!r}: unbalanced brackets; {forms}")
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"metrics address {addr!r}: put an IPv6 host in brackets; {forms}")
-    if any(c.isspace() or c in "[]/" for c in host):
-        raise ValueError(f"metrics address {addr!r}: invalid host {host!r}; {forms}")
-    if not port_text.isascii() or not port_text.isdigit():
-        raise ValueError(f"metrics address {addr!r}: port {port_text!r} is not a number; {forms}")
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"metrics address {addr!r}: port {port} out of range 0-65535")
-    return host, port
 
 
 @dataclass(frozen=True)
@@ -197,6 +174,15 @@ class _Handler:
         return 404, _TEXT, b"not found: try /metrics, /healthz or /readyz\n", {}
 
 
+async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """Bind and listen on host:port (``""``: every interface); OSError when that fails.
+
+    Separate from :func:`serve_http` so the daemon binds its port before it does anything
+    else and a port in use is a startup error, not a failure found later.
+    """
+    return await trio.open_tcp_listeners(port, host=host or None)
+
+
 async def serve_http(
     host: str,
     port: int,
@@ -204,17 +190,20 @@ async def serve_http(
     ready: ReadyFn,
     *,
     read_timeout: float = READ_TIMEOUT,
+    listeners: list[trio.SocketListener] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve /metrics, /healthz and /readyz on host:port until cancelled.
 
-    ``host`` ``""`` means every interface. ``task_status.started`` receives the bound port
-    (useful with port 0) once the socket listens. /healthz answers 200 whenever this task
-    runs; /readyz answers 200 when ``ready()[0]`` is true, else 503 with ``ready()[1]``.
-    A client that has not sent its whole request head within ``read_timeout`` seconds gets
-    408 and is disconnected.
+    ``host`` ``""`` means every interface. ``listeners`` (from :func:`open_listeners`) are
+    used instead of binding host:port when given, and closed when this returns.
+    ``task_status.started`` receives the bound port (useful with port 0) once the socket
+    listens. /healthz answers 200 whenever this task runs; /readyz answers 200 when
+    ``ready()[0]`` is true, else 503 with ``ready()[1]``. A client that has not sent its
+    whole request head within ``read_timeout`` seconds gets 408 and is disconnected.
     """
-    listeners = await trio.open_tcp_listeners(port, host=host or None)
+    if listeners is None:
+        listeners = await open_listeners(host, port)
     try:
         actual_port: int = listeners[0].socket.getsockname()[1]
         log.event(logger, logging.INFO, "http_listening", host=host or "*", port=actual_port)
@@ -231,33 +220,68 @@ async def check_health(url: str, timeout: float) -> bool:
     Any connection failure, timeout or non-200 status is False. Raises ValueError when
     ``url`` is not an http:// URL with a host.
     """
+    return await health_problem(url, timeout) is None
+
+
+async def health_problem(url: str, timeout: float) -> str | None:
+    """None when ``url`` answers 200 within ``timeout`` seconds, else what went wrong
+    (``connection refused``, ``no answer within 3s``, ``HTTP 503: agent unreachable``).
+
+    Raises ValueError when ``url`` is not an http:// URL with a host.
+    """
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"healthcheck URL {url!r}: expected http://host:port/path")
-    port = parts.port or 80
+    try:
+        port = parts.port or 80
+    except ValueError:
+        raise ValueError(f"healthcheck URL {url!r}: expected http://host:port/path") from None
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     host_header = parts.netloc.rpartition("@")[2]
     request = f"GET {target} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\n\r\n"
     with trio.move_on_after(timeout):
         try:
             stream = await trio.open_tcp_stream(parts.hostname, port)
-        except OSError:
-            return False
+        except OSError as exc:
+            return _os_problem(exc)
         async with stream:
             try:
                 await stream.send_all(request.encode("ascii"))
-                status_line = await _read_status_line(stream)
-            except (trio.BrokenResourceError, OSError):
-                return False
-        return re.fullmatch(rb"HTTP/1\.[01] 200( .*)?", status_line) is not None
-    return False
+                response = await _read_response_start(stream)
+            except (trio.BrokenResourceError, OSError) as exc:
+                return _os_problem(exc)
+        status_line, _, rest = response.partition(b"\r\n")
+        match = re.fullmatch(rb"HTTP/1\.[01] (\d{3})( .*)?", status_line)
+        if match is None:
+            return "not an HTTP answer"
+        if match[1] == b"200":
+            return None
+        body = rest.partition(b"\r\n\r\n")[2].decode("utf-8", "replace").strip()
+        detail = body.splitlines()[0] if body else ""
+        return f"HTTP {match[1].decode()}" + (f": {detail}" if detail else "")
+    return f"no answer within {timeout:g}s"
 
 
-async def _read_status_line(stream: trio.SocketStream) -> bytes:
+def _os_problem(exc: BaseException) -> str:
+    """``connection refused`` rather than trio's ``all attempts to connect ... failed``."""
+    causes = [exc]
+    cause = exc.__cause__
+    while isinstance(cause, BaseExceptionGroup):
+        cause = cause.exceptions[0]
+    if cause is not None:
+        causes.insert(0, cause)
+    for candidate in causes:
+        if isinstance(candidate, OSError) and candidate.strerror:
+            return candidate.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+async def _read_response_start(stream: trio.SocketStream) -> bytes:
+    """The status line, headers and at most the start of the body."""
     buffer = bytearray()
-    while b"\r\n" not in buffer and len(buffer) < MAX_REQUEST_BYTES:
+    while len(buffer) < MAX_REQUEST_BYTES:
         chunk = await stream.receive_some(4096)
         if not chunk:
             break
         buffer += chunk
-    return bytes(buffer.split(b"\r\n", 1)[0])
+    return bytes(buffer[:MAX_REQUEST_BYTES])

@@ -41,12 +41,18 @@ class TextFormatter(logging.Formatter):
 
 
 class JSONFormatter(logging.Formatter):
+    """One JSON object per line with the klog/zap keys log pipelines expect first: ``ts``
+    (unix seconds), ``level`` and ``msg`` (the event name), then ``logger``, ``event`` (the
+    same name, kept for existing queries) and the event's fields."""
+
     def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
         doc: dict[str, Any] = {
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
+            "msg": message,
             "logger": record.name,
-            "event": record.getMessage(),
+            "event": message,
         }
         doc.update(_fields(record))
         if record.exc_info:

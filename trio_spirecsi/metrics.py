@@ -5,6 +5,11 @@ daemons in one test process never share counters. No metric has a per-pod or per
 label: a node can carry hundreds of pods, and pod names are not the operator's alerting unit.
 SVID expiry is summarised at scrape time from a callback instead (see
 :meth:`Metrics.set_expiry_source`).
+
+The exposition follows Prometheus conventions: no ``_created`` series (they double the
+series count of every counter and histogram and no alert uses them), gauges are exposed as
+gauges, and the standard ``process_*`` metrics (resident memory, CPU seconds, open file
+descriptors, start time) come from prometheus-client's ProcessCollector.
 """
 
 from __future__ import annotations
@@ -13,8 +18,15 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
 from . import __version__
@@ -31,10 +43,13 @@ PUBLISH_OUTCOMES = (
 )
 """Values of the ``outcome`` label of the publish duration histogram."""
 
+SDS_RESOURCES = ("tls_certificate", "validation_context")
+"""Values of the ``resource`` label of ``sds_resources_sent_total``."""
+
 PUBLISH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
 
-REMAINING_BUCKETS = (0.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0)
-"""Upper bounds (seconds until expiry) of ``trio_spirecsi_svid_remaining_seconds``."""
+EXPIRING_WITHIN = (0, 60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400)
+"""Values of the ``within_seconds`` label of ``trio_spirecsi_svids_expiring`` (plus ``+Inf``)."""
 
 ExpirySource = Callable[[], Iterable[float]]
 
@@ -94,8 +109,27 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.sds_streams_open = Gauge(
+            f"{PREFIX}_sds_streams_open",
+            "Envoy SDS StreamSecrets streams open on the pods' sockets.",
+            registry=r,
+        )
+        self.sds_resources_sent_total = Counter(
+            f"{PREFIX}_sds_resources_sent_total",
+            "Secrets sent to Envoy over SDS, by resource kind.",
+            ["resource"],
+            registry=r,
+        )
+        for resource in SDS_RESOURCES:
+            self.sds_resources_sent_total.labels(resource=resource)
+        self.sds_nacks_total = Counter(
+            f"{PREFIX}_sds_nacks_total",
+            "SDS responses Envoy rejected (NACK); never answered with a resend.",
+            registry=r,
+        )
         self._expiry_source: ExpirySource = _no_volumes
         r.register(_ExpiryCollector(self))
+        ProcessCollector(registry=r)
 
     def set_expiry_source(self, fn: ExpirySource) -> None:
         """Use ``fn`` at every scrape to read the ``expires_at`` (unix seconds) of live SVIDs.
@@ -110,7 +144,19 @@ class Metrics:
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition (Prometheus text, or OpenMetrics when ``accept`` asks) and its type."""
         encoder, content_type = choose_encoder(accept)
-        return encoder(self.registry), content_type
+        return encoder(_WithoutCreated(self.registry)), content_type
+
+
+class _WithoutCreated:
+    """A view of a registry without ``_created`` samples, for the exposition only."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
 
 
 def _no_volumes() -> Iterable[float]:
@@ -121,8 +167,10 @@ class _ExpiryCollector:
     """Summarises SVID expiry at scrape time, without a series per pod.
 
     ``trio_spirecsi_svid_expiry_min_seconds``: seconds until the soonest expiry (negative once
-    expired); absent when no volume has an SVID. ``trio_spirecsi_svid_remaining_seconds``: a
-    gauge histogram of the same values (``le="0"`` counts expired SVIDs).
+    expired); absent when no volume has an SVID. ``trio_spirecsi_svids_expiring``: for each
+    bound in :data:`EXPIRING_WITHIN` (label ``within_seconds``), how many volumes' SVIDs expire
+    within that many seconds (``0``: already expired; ``+Inf``: every volume with an SVID).
+    Plain gauges, so the exposition has no ``_gcount``/``_gsum`` series.
     """
 
     def __init__(self, metrics: Metrics) -> None:
@@ -130,9 +178,7 @@ class _ExpiryCollector:
 
     def describe(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(f"{PREFIX}_svid_expiry_min_seconds", _MIN_DOC)
-        yield GaugeHistogramMetricFamily(
-            f"{PREFIX}_svid_remaining_seconds", _REMAINING_DOC, buckets=[("+Inf", 0)]
-        )
+        yield GaugeMetricFamily(f"{PREFIX}_svids_expiring", _EXPIRING_DOC)
 
     def collect(self) -> Iterator[Metric]:
         now = time.time()
@@ -141,21 +187,14 @@ class _ExpiryCollector:
         if remaining:
             minimum.add_metric([], remaining[0])
         yield minimum
-        buckets = [
-            (_le(bound), sum(1 for r in remaining if r <= bound)) for bound in REMAINING_BUCKETS
-        ]
-        buckets.append(("+Inf", len(remaining)))
-        yield GaugeHistogramMetricFamily(
-            f"{PREFIX}_svid_remaining_seconds",
-            _REMAINING_DOC,
-            buckets=buckets,
-            gsum_value=sum(remaining),
+        expiring = GaugeMetricFamily(
+            f"{PREFIX}_svids_expiring", _EXPIRING_DOC, labels=["within_seconds"]
         )
-
-
-def _le(bound: float) -> str:
-    return str(int(bound)) if bound.is_integer() else str(bound)
+        for bound in EXPIRING_WITHIN:
+            expiring.add_metric([str(bound)], sum(1 for r in remaining if r <= bound))
+        expiring.add_metric(["+Inf"], len(remaining))
+        yield expiring
 
 
 _MIN_DOC = "Seconds until the soonest SVID expiry among this node's volumes (negative: expired)."
-_REMAINING_DOC = "Seconds until expiry of each volume's SVID, as buckets (no per-pod series)."
+_EXPIRING_DOC = "Volumes whose SVID expires within within_seconds seconds (0: expired; +Inf: all)."

@@ -3,8 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """How often something may happen: ``per_second`` on average, ``burst`` at once."""
+
+    per_second: float
+    burst: int
+
+    def __post_init__(self) -> None:
+        if self.per_second <= 0 or self.burst < 1:
+            raise ValueError(
+                f"a rate limit needs per_second > 0 and burst >= 1, not {self.per_second}, "
+                f"{self.burst}"
+            )
+
+    def bucket(self, *, clock: Callable[[], float] = trio.current_time) -> TokenBucket:
+        return TokenBucket(self.per_second, self.burst, clock=clock)
 
 
 class TokenBucket:

@@ -14,7 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
-NAMES = ("attributes", "metadata", "svid_response", "bundle_response", "publish_request")
+NAMES = (
+    "attributes",
+    "metadata",
+    "svid_response",
+    "bundle_response",
+    "publish_request",
+    "grpc_server",
+)
 CORPUS = Path(__file__).resolve().parent.parent / "corpus"
 
 Target = Callable[[bytes], str]

@@ -13,8 +13,10 @@ from ..attributes import parse_volume_context
 from ..errors import InvalidArgument, PublishFailed, SpireCSIError
 from ..grpc import Server, ServerContext, methods
 from ..metrics import Metrics
+from ..storage.metadata import MetadataError
+from ..storage.paths import check_target_path
 from ..volumes.registry import PublishRequest, Registry
-from .status import handler
+from .status import handler, internal_error
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +45,17 @@ class NodeService:
         self._metrics = metrics
 
     def register(self, server: Server) -> None:
-        server.add_unary(methods.NODE_PUBLISH_VOLUME, handler(self.publish))
-        server.add_unary(methods.NODE_UNPUBLISH_VOLUME, handler(self.unpublish))
-        server.add_unary(methods.NODE_GET_VOLUME_STATS, handler(self.get_volume_stats))
+        count = self._count_internal
+        server.add_unary(methods.NODE_PUBLISH_VOLUME, handler(self.publish, count))
+        server.add_unary(methods.NODE_UNPUBLISH_VOLUME, handler(self.unpublish, count))
+        server.add_unary(methods.NODE_GET_VOLUME_STATS, handler(self.get_volume_stats, count))
         server.add_unary(methods.NODE_GET_CAPABILITIES, handler(self.get_capabilities))
         server.add_unary(methods.NODE_GET_INFO, handler(self.get_info))
         # NodeStageVolume, NodeUnstageVolume and NodeExpandVolume are not
         # registered: the server answers UNIMPLEMENTED for them.
+
+    def _count_internal(self, kind: str) -> None:
+        self._metrics.errors_total.labels(kind=kind).inc()
 
     # Requests ------------------------------------------------------------
 
@@ -104,6 +110,9 @@ class NodeService:
             raise
         except SpireCSIError as exc:
             fields["error"] = exc.message
+            raise
+        except (OSError, MetadataError) as exc:
+            fields["error"] = internal_error(exc)[1].message
             raise
         finally:
             elapsed = time.perf_counter() - started
@@ -174,21 +183,9 @@ class NodeService:
     # Validation ----------------------------------------------------------
 
     def _target(self, value: str, field: str) -> Path:
-        """An absolute path whose real location is inside --kubelet-dir."""
-        path = _required(value, field)
-        if not os.path.isabs(path) or ".." in path.split("/") or "\0" in path:
-            raise InvalidArgument(
-                field, f"{path!r} must be an absolute path without '..' or NUL characters"
-            )
-        root = os.path.realpath(self._kubelet_dir)
-        real = os.path.realpath(path)
-        if os.path.commonpath([root, real]) != root or real == root:
-            raise InvalidArgument(
-                field,
-                f"{path!r} is outside the kubelet folder {self._kubelet_dir} (--kubelet-dir); "
-                "set --kubelet-dir to the kubelet's root folder",
-            )
-        return Path(os.path.normpath(path))
+        """An absolute path below --kubelet-dir, as written; the registry walks it without
+        following symlinks before it mounts or unmounts anything."""
+        return check_target_path(self._kubelet_dir, _required(value, field), field=field)
 
 
 def _required(value: str, field: str) -> str:

@@ -30,7 +30,15 @@ from cryptography import x509
 from .. import log
 from .._proto.spire.api.agent.delegatedidentity.v1 import delegatedidentity_pb2 as di
 from .._proto.spire.api.types import types_pb2
-from ..grpc import RpcError, Server, ServerContext, StatusCode, StreamSender, methods
+from ..grpc import (
+    RpcError,
+    Server,
+    ServerContext,
+    ServerLimits,
+    StatusCode,
+    StreamSender,
+    methods,
+)
 from ..spiffe import (
     normalise_trust_domain,
     trust_domain_id,
@@ -130,6 +138,7 @@ class DevAgent:
         else:
             self._source = as_source(entries)
         self._revoked: set[str] = set()
+        self._garbled: set[str] = set()
         self._cache: dict[_SvidKey, _Cached] = {}
         self._due: list[tuple[float, int, _SvidKey]] = []
         self._generation = 0
@@ -198,11 +207,13 @@ class DevAgent:
 
     # Controls ----------------------------------------------------------------
 
-    def rotate(self) -> None:
-        """Re-issue every cached SVID now; subscribers get the new ones."""
-        for cached in list(self._cache.values()):
-            self._store(cached.entry)
-        self._log_rotation("all", len(self._cache))
+    def rotate(self, spiffe_id: str | None = None) -> None:
+        """Re-issue every cached SVID now (only those of ``spiffe_id`` if given); their
+        subscribers get the new ones."""
+        cached = [c for c in self._cache.values() if spiffe_id in (None, c.entry.spiffe_id)]
+        for item in cached:
+            self._store(item.entry)
+        self._log_rotation(spiffe_id or "all", len(cached))
         self._wake(w for ws in self._svid_watchers.values() for w in ws)
 
     def rotate_ca(self, *, keep_old: bool = False) -> None:
@@ -249,6 +260,19 @@ class DevAgent:
         log.event(logger, logging.INFO, "restored", spiffe_id=spiffe_id)
         self._wake(self._svid_subs)
 
+    def garble(self, spiffe_id: str) -> None:
+        """Send ``spiffe_id``'s SVIDs with a key that is not a key (an agent bug, a corrupted
+        cache): the driver must refuse them and keep what it has."""
+        self._garbled.add(spiffe_id)
+        log.event(logger, logging.INFO, "garbled", spiffe_id=spiffe_id)
+        self._wake(self._svid_subs)
+
+    def ungarble(self, spiffe_id: str) -> None:
+        """Undo :meth:`garble`: subscribers get the SVID with its real key again."""
+        self._garbled.discard(spiffe_id)
+        log.event(logger, logging.INFO, "ungarbled", spiffe_id=spiffe_id)
+        self._wake(self._svid_subs)
+
     def add_federation(self, trust_domain: str) -> None:
         """Federate with ``trust_domain`` (a new CA for it); bundle streams include it."""
         td = normalise_trust_domain(trust_domain)
@@ -292,7 +316,7 @@ class DevAgent:
         """
         if self._serving:
             raise RuntimeError("this DevAgent is already serving")
-        server = Server()
+        server = Server(ServerLimits.trusted())
         server.add_stream(methods.SUBSCRIBE_TO_X509_SVIDS, self._subscribe_x509_svids)
         server.add_stream(methods.SUBSCRIBE_TO_X509_BUNDLES, self._subscribe_x509_bundles)
         server.add_unary(methods.FETCH_JWT_SVIDS, self._fetch_jwt_svids)
@@ -338,11 +362,14 @@ class DevAgent:
                 held = keys
                 federates = self._federates_with(entries)
                 fingerprint = (
-                    tuple((e.hint, c.generation) for e, c in zip(entries, issued, strict=True)),
+                    tuple(
+                        (e.hint, c.generation, e.spiffe_id in self._garbled)
+                        for e, c in zip(entries, issued, strict=True)
+                    ),
                     federates,
                 )
                 if fingerprint != last:
-                    await send(_svids_response(entries, issued, federates))
+                    await send(_svids_response(entries, issued, federates, self._garbled))
                     last = fingerprint
                 await watcher.event.wait()
         finally:
@@ -578,13 +605,20 @@ def _request_selectors(
     return found
 
 
+GARBLED_KEY = b"\x30\x03\x02\x01\x00"
+"""What :meth:`DevAgent.garble` sends as a private key: DER, but not a key."""
+
+
 def _spiffe_id_proto(spiffe_id: str) -> types_pb2.SPIFFEID:
     trust_domain, path = workload_id_parts(spiffe_id)
     return types_pb2.SPIFFEID(trust_domain=trust_domain, path=path)
 
 
 def _svids_response(
-    entries: Sequence[Entry], issued: Sequence[_Cached], federates_with: Sequence[str]
+    entries: Sequence[Entry],
+    issued: Sequence[_Cached],
+    federates_with: Sequence[str],
+    garbled: Collection[str] = (),
 ) -> di.SubscribeToX509SVIDsResponse:
     response = di.SubscribeToX509SVIDsResponse(federates_with=list(federates_with))
     for entry, cached in zip(entries, issued, strict=True):
@@ -597,7 +631,7 @@ def _svids_response(
                     expires_at=svid.expires_at,
                     hint=entry.hint,
                 ),
-                x509_svid_key=svid.key_pkcs8_der,
+                x509_svid_key=GARBLED_KEY if svid.spiffe_id in garbled else svid.key_pkcs8_der,
             )
         )
     return response

@@ -168,8 +168,22 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, CAError) as exc:
         print(f"trio-spirecsi dev-agent: {exc}", file=sys.stderr)
         return 2
-    Path(args.socket).parent.mkdir(parents=True, exist_ok=True)
-    trio.run(_main, agent, args)
+    try:
+        Path(args.socket).parent.mkdir(parents=True, exist_ok=True)
+        trio.run(_main, agent, args)
+    except BaseException as exc:
+        leaf = exc
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        if not isinstance(leaf, OSError):
+            raise
+        reason = (leaf.strerror or str(leaf)).lower()
+        print(
+            f"trio-spirecsi dev-agent: --socket {args.socket!r}: cannot serve there ({reason}); "
+            "give a path in a folder this user can write",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 

@@ -7,49 +7,55 @@ HTTP/2 flow-control windows, so a slow consumer holds at most one window per str
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from typing import Generic
 
-import h2.errors
-import h2.exceptions
 import trio
 from google.protobuf.message import DecodeError
-from purerpc.grpclib.events import (
-    MessageReceived,
-    ResponseEnded,
-    ResponseReceived,
-    WindowUpdated,
-)
 
-from ._connection import (
+from ._protocol import (
+    ConnectionFailed,
+    ErrorCodes,
     Event,
-    GoAway,
+    GoAwayReceived,
+    MessageReceived,
+    NoStreamAvailable,
+    ProtocolCore,
+    ResponseEnded,
+    ResponseStarted,
     SettingsChanged,
     StreamEnded,
     StreamFailed,
     StreamGone,
     StreamReset,
-    Transport,
-    encode_timeout,
-    unwrap_group,
+    WindowUpdated,
 )
+from ._purerpc import ACCEPT_ENCODING
+from ._transport import ErrorHook, Transport, encode_timeout, unwrap_group
+from .limits import ClientLimits, WireLimits
 from .methods import Method, Req, Resp
 from .status import RpcError, StatusCode
+
+logger = logging.getLogger(__name__)
 
 USER_AGENT = "trio-spirecsi-grpc"
 _START_ATTEMPTS = 3
 _REFUSED_RETRIES = 10
 _REFUSED_BACKOFF = 0.01
 
+_METADATA_NAME = re.compile(r"[0-9a-z_.-]+")
+_METADATA_VALUE = re.compile(r"[\x20-\x7e]*")
 _RESET_CODES = {
-    h2.errors.ErrorCodes.REFUSED_STREAM: StatusCode.UNAVAILABLE,
-    h2.errors.ErrorCodes.CANCEL: StatusCode.CANCELLED,
-    h2.errors.ErrorCodes.ENHANCE_YOUR_CALM: StatusCode.RESOURCE_EXHAUSTED,
-    h2.errors.ErrorCodes.INADEQUATE_SECURITY: StatusCode.PERMISSION_DENIED,
+    ErrorCodes.REFUSED_STREAM: StatusCode.UNAVAILABLE,
+    ErrorCodes.CANCEL: StatusCode.CANCELLED,
+    ErrorCodes.ENHANCE_YOUR_CALM: StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCodes.INADEQUATE_SECURITY: StatusCode.PERMISSION_DENIED,
 }
 
 
@@ -62,14 +68,14 @@ def _status_code(value: int) -> StatusCode:
 
 def _reset_error(error_code: int) -> RpcError:
     try:
-        name = h2.errors.ErrorCodes(error_code).name
+        name = ErrorCodes(error_code).name
     except ValueError:
         name = str(error_code)
     code = _RESET_CODES.get(error_code, StatusCode.INTERNAL)
     return RpcError(code, f"stream reset by server ({name})")
 
 
-class _Call:
+class ClientCall:
     """What one call has received so far; filled by the reader, drained by the caller."""
 
     __slots__ = ("done", "error", "live", "messages", "refused", "responded", "stream_id", "waiter")
@@ -95,28 +101,43 @@ class _Call:
             self.waiter = None
 
 
-class _Connection:
-    def __init__(self, stream: trio.SocketStream, path: str) -> None:
-        self.transport = Transport(stream, client_side=True)
+class ClientConnection:
+    """One HTTP/2 connection of a channel and the calls on it."""
+
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        path: str,
+        limits: ClientLimits,
+        on_error: ErrorHook | None,
+    ) -> None:
+        self.core = ProtocolCore(client_side=True, limits=WireLimits.for_client(limits))
+        self.transport = Transport(
+            stream,
+            self.core,
+            handshake_timeout=limits.handshake_timeout,
+            idle_timeout=None,
+            max_send_queue_bytes=limits.max_send_queue_bytes,
+            log_fields={"side": "client", "socket": path},
+            on_error=on_error,
+        )
         self.path = path
-        self.calls: dict[int, _Call] = {}
+        self.calls: dict[int, ClientCall] = {}
         self.settled = trio.Event()  # the server's SETTINGS arrived, or the connection failed
         self.accepting = True  # new calls may start here
         self.failure: str | None = None
         self._live = 0
-        self._scope = trio.CancelScope()
 
     async def run(self) -> None:
-        with self._scope:
-            await self.transport.run(self._on_events, self._lost)
+        await self.transport.run(self._on_events, self._lost)
 
     def abort(self, message: str) -> None:
         """Fail every call with UNAVAILABLE(message) and close the connection."""
         self._fail(message)
-        self._scope.cancel()
+        self.transport.close(ErrorCodes.NO_ERROR, None, message)
 
-    def _lost(self, cause: str) -> None:
-        self._fail(f"connection to {self.path} lost: {cause}")
+    def _lost(self, end: ConnectionFailed) -> None:
+        self._fail(f"connection to {self.path} lost: {end.reason}")
 
     def _fail(self, message: str) -> None:
         self.accepting = False
@@ -126,15 +147,13 @@ class _Connection:
         for call in self.calls.values():
             self._end(call, RpcError(StatusCode.UNAVAILABLE, message))
 
-    def _end(self, call: _Call, error: RpcError | None) -> None:
+    def _end(self, call: ClientCall, error: RpcError | None) -> None:
         call.finish(error)
         if call.live:
             call.live = False
             self._live -= 1
-            stream = self.transport.h2.streams.get(call.stream_id)
-            if stream is not None and not stream.closed:
-                self.transport.protocol.reset(call.stream_id)
-                self.transport.flush()
+            self.core.reset(call.stream_id)
+            self.transport.flush()
             self.transport.notify()
 
     def _on_events(self, events: Sequence[Event]) -> None:
@@ -144,64 +163,66 @@ class _Connection:
                     self.settled.set()
                 self.transport.notify()
                 continue
-            if isinstance(event, GoAway):
+            if isinstance(event, GoAwayReceived):
                 self._go_away(event)
                 continue
-            call = self.calls.get(getattr(event, "stream_id", 0))
+            if isinstance(event, ConnectionFailed):
+                continue
+            call = self.calls.get(event.stream_id)
+            if isinstance(event, StreamFailed):
+                self.transport.report(event.kind)
             if call is None:
                 continue
-            if isinstance(event, ResponseReceived):
+            if isinstance(event, ResponseStarted):
                 call.responded = True
             elif isinstance(event, MessageReceived):
-                call.messages.append((event.data, event.flow_controlled_length))
+                call.messages.append((event.data, event.size))
                 call.wake()
             elif isinstance(event, ResponseEnded):
-                status = event.status
                 error = None
-                if status.int_value != 0:
-                    error = RpcError(_status_code(status.int_value), status.status_message)
+                if event.code != 0:
+                    error = RpcError(_status_code(event.code), event.message)
                 self._end(call, error)
             elif isinstance(event, StreamEnded):
                 self._end(call, RpcError(StatusCode.INTERNAL, "stream ended without a status"))
             elif isinstance(event, StreamReset):
-                refused = event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+                refused = event.error_code == ErrorCodes.REFUSED_STREAM
                 call.refused = refused and not call.responded and not call.done
                 self._end(call, _reset_error(event.error_code))
             elif isinstance(event, StreamFailed):
                 self._end(call, RpcError(event.code, event.reason))
 
-    def _go_away(self, event: GoAway) -> None:
+    def _go_away(self, event: GoAwayReceived) -> None:
         self.accepting = False
         message = f"{self.path} is going away (GOAWAY)"
         for sid, call in self.calls.items():
             if sid > event.last_stream_id:
                 self._end(call, RpcError(StatusCode.UNAVAILABLE, message))
         if not self.calls:
-            self._scope.cancel()
+            self.transport.close(ErrorCodes.NO_ERROR, None, message)
 
     async def start_call(
         self, path: str, payload: bytes, deadline: float, metadata: list[tuple[str, str]]
-    ) -> _Call | None:
+    ) -> ClientCall | None:
         """Open a stream and send the request; None if this connection stopped taking calls.
 
         Waits for a free stream when the server's MAX_CONCURRENT_STREAMS is reached.
         """
-        h2c = self.transport.h2
         while True:
-            if not self.accepting:
+            if not self.accepting or self.transport.ended:
                 return None
-            if self._live < h2c.remote_settings.max_concurrent_streams:
+            if self._live < self.core.peer_max_streams:
                 headers = _request_headers(path, deadline, metadata)
-                sid = h2c.get_next_available_stream_id()
                 try:
-                    h2c.send_headers(sid, headers)
+                    sid = self.core.open_stream(headers)
                     break
-                except h2.exceptions.TooManyStreamsError:
+                except NoStreamAvailable:
                     pass
-                except h2.exceptions.ProtocolError as exc:
-                    raise RpcError(StatusCode.INTERNAL, f"could not send request: {exc}") from None
+                except StreamGone:
+                    return None
             await self.transport.wait_changed()
-        call = self.calls[sid] = _Call(sid)
+        self.transport.flush()
+        call = self.calls[sid] = ClientCall(sid)
         self._live += 1
         try:
             await self.transport.send_message(sid, payload, end_stream=True)
@@ -212,12 +233,12 @@ class _Connection:
             raise
         return call
 
-    async def next_message(self, call: _Call) -> bytes | None:
+    async def next_message(self, call: ClientCall) -> bytes | None:
         """The next response message, None once the call ended OK; raises its error."""
         while True:
             if call.messages:
                 data, size = call.messages.popleft()
-                self.transport.protocol.ack(call.stream_id, size)
+                self.core.ack(call.stream_id, size)
                 self.transport.flush()
                 return data
             if call.done:
@@ -228,22 +249,22 @@ class _Connection:
                 call.waiter = trio.Event()
             await call.waiter.wait()
 
-    def fail_call(self, call: _Call, error: RpcError) -> None:
+    def fail_call(self, call: ClientCall, error: RpcError) -> None:
         """End a call locally (deadline, unparsable response): the server learns by RST_STREAM."""
         call.messages.clear()
         call.done, call.error = True, error
         self._end(call, error)
 
-    def end_call(self, call: _Call) -> None:
+    def end_call(self, call: ClientCall) -> None:
         """The caller is done: cancel the stream if still open and free everything it holds."""
         if self.calls.pop(call.stream_id, None) is None:
             return
         self._end(call, RpcError(StatusCode.CANCELLED, "call cancelled"))
         call.messages.clear()
-        self.transport.protocol.forget(call.stream_id)
+        self.core.forget(call.stream_id)
         self.transport.flush()
         if not self.accepting and not self.calls:
-            self._scope.cancel()
+            self.transport.close(ErrorCodes.NO_ERROR, None, "no calls left")
 
 
 def _request_headers(
@@ -256,6 +277,7 @@ def _request_headers(
         (":authority", "localhost"),
         ("te", "trailers"),
         ("content-type", "application/grpc"),
+        ("grpc-accept-encoding", ACCEPT_ENCODING),
         ("user-agent", USER_AGENT),
     ]
     if deadline != math.inf:
@@ -270,8 +292,8 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> list[tuple[str, str]]
     items = []
     for key, value in (metadata or {}).items():
         name = key.lower()
-        bad_value = any(c in value for c in "\r\n\0")
-        if not name or name.startswith((":", "grpc-")) or name.endswith("-bin") or bad_value:
+        bad_name = not _METADATA_NAME.fullmatch(name) or name.startswith("grpc-")
+        if bad_name or name.endswith("-bin") or not _METADATA_VALUE.fullmatch(value):
             raise RpcError(StatusCode.INTERNAL, f"invalid metadata {key!r}")
         items.append((name, value))
     return items
@@ -288,20 +310,20 @@ class ResponseStream(Generic[Resp]):
 
     def __init__(
         self,
-        start: Callable[[], Awaitable[tuple[_Connection, _Call]]],
+        start: Callable[[], Awaitable[tuple[ClientConnection, ClientCall]]],
         response_type: type[Resp],
         deadline: float,
     ) -> None:
         self._start = start
-        self._conn: _Connection | None = None
-        self._call: _Call | None = None
+        self._conn: ClientConnection | None = None
+        self._call: ClientCall | None = None
         self._type = response_type
         self._deadline = deadline
 
     def __aiter__(self) -> ResponseStream[Resp]:
         return self
 
-    async def _begin(self) -> tuple[_Connection, _Call]:
+    async def _begin(self) -> tuple[ClientConnection, ClientCall]:
         self._conn, self._call = await self._start()
         return self._conn, self._call
 
@@ -351,12 +373,20 @@ class Channel:
     Every failure a caller sees is an RpcError; Trio cancellation propagates as usual.
     """
 
-    def __init__(self, path: str, nursery: trio.Nursery, connect_timeout: float) -> None:
+    def __init__(
+        self,
+        path: str,
+        nursery: trio.Nursery,
+        limits: ClientLimits,
+        on_error: ErrorHook | None,
+    ) -> None:
         self._path = path
         self._nursery = nursery
-        self._connect_timeout = connect_timeout
-        self._current: _Connection | None = None
-        self._running: set[_Connection] = set()
+        self._limits = limits
+        self._on_error = on_error
+        self._connect_timeout = limits.handshake_timeout
+        self._current: ClientConnection | None = None
+        self._running: set[ClientConnection] = set()
         self._dial_lock = trio.Lock()
         self._connections_opened = 0
         self._closed = False
@@ -419,7 +449,7 @@ class Channel:
 
     async def _start(
         self, path: str, payload: bytes, deadline: float, headers: list[tuple[str, str]]
-    ) -> tuple[_Connection, _Call]:
+    ) -> tuple[ClientConnection, ClientCall]:
         with trio.move_on_at(deadline):
             for _ in range(_START_ATTEMPTS):
                 conn = await self._connection()
@@ -429,7 +459,7 @@ class Channel:
             raise RpcError(StatusCode.UNAVAILABLE, f"{self._path} keeps closing connections")
         raise RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call started")
 
-    async def _connection(self) -> _Connection:
+    async def _connection(self) -> ClientConnection:
         conn = self._current
         if conn is not None and conn.accepting:
             return conn
@@ -439,7 +469,7 @@ class Channel:
                 conn = self._current = await self._dial()
             return conn
 
-    async def _dial(self) -> _Connection:
+    async def _dial(self) -> ClientConnection:
         where = f"connect to {self._path}"
         if self._closed:
             raise RpcError(StatusCode.UNAVAILABLE, f"{where}: channel is closed")
@@ -450,7 +480,7 @@ class Channel:
             raise RpcError(StatusCode.UNAVAILABLE, f"{where}: {exc.strerror or exc}") from None
         except trio.TooSlowError:
             raise RpcError(StatusCode.UNAVAILABLE, f"{where}: timed out") from None
-        conn = _Connection(stream, self._path)
+        conn = ClientConnection(stream, self._path, self._limits, self._on_error)
         self._connections_opened += 1
         self._nursery.start_soon(self._run, conn)
         try:
@@ -465,10 +495,13 @@ class Channel:
             raise
         return conn
 
-    async def _run(self, conn: _Connection) -> None:
+    async def _run(self, conn: ClientConnection) -> None:
         self._running.add(conn)
         try:
             await conn.run()
+        except Exception:  # never reaches open_channel: only this connection is lost
+            logger.exception("gRPC client connection to %s failed", self._path)
+            conn.abort(f"connection to {self._path} lost: internal error")
         finally:
             self._running.discard(conn)
 
@@ -480,15 +513,20 @@ class Channel:
 
 
 @asynccontextmanager
-async def open_channel(path: str, *, connect_timeout: float = 5.0) -> AsyncIterator[Channel]:
+async def open_channel(
+    path: str, *, limits: ClientLimits | None = None, on_error: ErrorHook | None = None
+) -> AsyncIterator[Channel]:
     """A channel to the gRPC server listening on the unix socket `path`.
 
     Nothing is dialled until the first call. Leaving the block closes the connection; calls
-    still in flight fail UNAVAILABLE.
+    still in flight fail UNAVAILABLE. Whatever the server sends, calls fail with RpcError
+    and the next call dials again: nothing from a connection escapes this block.
+    ``on_error(kind)`` is told about each connection or stream the server broke (kinds in
+    the package docstring); ``limits`` defaults to ``ClientLimits()``.
     """
     try:
         async with trio.open_nursery() as nursery:
-            channel = Channel(path, nursery, connect_timeout)
+            channel = Channel(path, nursery, limits or ClientLimits(), on_error)
             try:
                 yield channel
             finally:

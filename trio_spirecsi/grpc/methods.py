@@ -12,6 +12,7 @@ from typing import Generic, TypeVar
 from google.protobuf.message import Message
 
 from .._proto.csi.v1 import csi_pb2 as csi
+from .._proto.envoy.service.discovery.v3 import discovery_pb2 as discovery
 from .._proto.spiffe.workload import workload_pb2 as wl
 from .._proto.spire.api.agent.delegatedidentity.v1 import delegatedidentity_pb2 as di
 
@@ -21,12 +22,16 @@ Resp = TypeVar("Resp", bound=Message)
 
 @dataclass(frozen=True)
 class Method(Generic[Req, Resp]):
-    """One RPC: its HTTP/2 path, message types and whether it streams responses."""
+    """One RPC: its HTTP/2 path, message types and which sides stream.
+
+    Both streaming flags set is a bidirectional stream (``Server.add_bidi``).
+    """
 
     path: str
     request_type: type[Req]
     response_type: type[Resp]
     server_streaming: bool = False
+    client_streaming: bool = False
 
 
 def _unary(path: str, req: type[Req], resp: type[Resp]) -> Method[Req, Resp]:
@@ -35,6 +40,11 @@ def _unary(path: str, req: type[Req], resp: type[Resp]) -> Method[Req, Resp]:
 
 def _stream(path: str, req: type[Req], resp: type[Resp]) -> Method[Req, Resp]:
     return Method(path, req, resp, server_streaming=True)
+
+
+def bidi(path: str, req: type[Req], resp: type[Resp]) -> Method[Req, Resp]:
+    """A bidirectional streaming method (e.g. Envoy SDS ``StreamSecrets``)."""
+    return Method(path, req, resp, server_streaming=True, client_streaming=True)
 
 
 _I = "/csi.v1.Identity/"
@@ -91,4 +101,11 @@ FETCH_JWT_SVID = _unary(_W + "FetchJWTSVID", wl.JWTSVIDRequest, wl.JWTSVIDRespon
 FETCH_JWT_BUNDLES = _stream(_W + "FetchJWTBundles", wl.JWTBundlesRequest, wl.JWTBundlesResponse)
 VALIDATE_JWT_SVID = _unary(
     _W + "ValidateJWTSVID", wl.ValidateJWTSVIDRequest, wl.ValidateJWTSVIDResponse
+)
+
+_S = "/envoy.service.secret.v3.SecretDiscoveryService/"
+STREAM_SECRETS = bidi(_S + "StreamSecrets", discovery.DiscoveryRequest, discovery.DiscoveryResponse)
+FETCH_SECRETS = _unary(_S + "FetchSecrets", discovery.DiscoveryRequest, discovery.DiscoveryResponse)
+DELTA_SECRETS = bidi(
+    _S + "DeltaSecrets", discovery.DeltaDiscoveryRequest, discovery.DeltaDiscoveryResponse
 )

@@ -2,7 +2,10 @@
 
 Each accepted connection runs in its own task with a nursery; each request runs in its own task
 inside that nursery, under a cancel scope that the peer's RST_STREAM and the request's
-grpc-timeout both cancel, wherever the handler is waiting.
+grpc-timeout both cancel, wherever the handler is waiting. Whatever a peer sends, the worst
+outcome is that its own connection ends (GOAWAY with an HTTP/2 error code): nothing from a
+connection reaches :meth:`Server.serve` as an exception. Limits (:class:`ServerLimits`) bound
+what each connection may cost; the defaults suit an untrusted peer.
 """
 
 from __future__ import annotations
@@ -15,28 +18,37 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, TypeAlias
+from typing import Any, Generic, TypeAlias
 
-import h2.exceptions
 import trio
 from google.protobuf.message import DecodeError, Message
-from purerpc.grpclib.events import MessageReceived, RequestReceived, WindowUpdated
-from purerpc.grpclib.status import Status
 
-from ._connection import (
+from ._protocol import (
+    STREAM_REFUSED,
+    TOO_MANY_CONNECTIONS,
+    ConnectionFailed,
+    ErrorCodes,
     Event,
+    GoAwayReceived,
+    MessageReceived,
+    ProtocolCore,
     RequestRejected,
+    RequestStarted,
     SettingsChanged,
     StreamEnded,
     StreamFailed,
     StreamGone,
+    StreamRefused,
     StreamReset,
-    Transport,
-    unwrap_group,
+    WindowUpdated,
+    refusal_bytes,
 )
+from ._transport import IO_ERRORS, ErrorHook, Transport, unwrap_group
+from .limits import ServerLimits, WireLimits
 from .methods import Method, Req, Resp
 from .status import RpcError, StatusCode
 
@@ -44,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 _BACKLOG = 128
 _PROBE_TIMEOUT = 1.0
+_REFUSAL_GRACE = 0.1
 
 StreamSender: TypeAlias = Callable[[Resp], Awaitable[None]]
 """What a streaming handler calls to send one response message."""
@@ -70,47 +83,91 @@ class ServerContext:
     peer: PeerCredentials | None
 
 
+UnaryHandler: TypeAlias = Callable[[Any, ServerContext], Awaitable[Any]]
+StreamHandler: TypeAlias = Callable[[Any, ServerContext, StreamSender[Any]], Awaitable[None]]
+BidiHandler: TypeAlias = Callable[
+    [AsyncIterator[Any], ServerContext, StreamSender[Any]], Awaitable[None]
+]
+
+
 @dataclass(frozen=True)
 class _Route:
     method: Method[Any, Any]
-    unary: Callable[[Any, ServerContext], Awaitable[Any]] | None
-    stream: Callable[[Any, ServerContext, StreamSender[Any]], Awaitable[None]] | None
+    unary: UnaryHandler | None = None
+    stream: StreamHandler | None = None
+    bidi: BidiHandler | None = None
 
 
-class _Call:
-    __slots__ = ("event", "failed", "headers_sent", "request", "request_ended", "reset", "scope")
+class ServerCall:
+    """One call's state: filled by the connection's reader, drained by the handler's task."""
 
-    def __init__(self, deadline: float) -> None:
+    __slots__ = (
+        "failed",
+        "headers_sent",
+        "messages",
+        "one_request",
+        "request_ended",
+        "reset",
+        "scope",
+        "stream_id",
+        "waiter",
+    )
+
+    def __init__(self, stream_id: int, deadline: float) -> None:
+        self.stream_id = stream_id
         self.scope = trio.CancelScope(deadline=deadline)
-        self.event = trio.Event()
-        self.request: tuple[bytes, int] | None = None
+        self.messages: deque[tuple[bytes, int]] = deque()
         self.request_ended = False
+        self.one_request = False  # unary request taken: later messages are dropped
         self.failed: RpcError | None = None
         self.reset = False  # the client cancelled: nothing more is sent
         self.headers_sent = False
+        self.waiter: trio.Event | None = None
 
     def wake(self) -> None:
-        self.event.set()
+        if self.waiter is not None:
+            self.waiter.set()
+            self.waiter = None
+
+    async def wait(self) -> None:
+        if self.waiter is None:
+            self.waiter = trio.Event()
+        await self.waiter.wait()
 
 
 class Server:
-    """Routes gRPC calls on a unix socket to handlers; register them, then :meth:`serve`."""
+    """Routes gRPC calls on a unix socket to handlers; register them, then :meth:`serve`.
 
-    def __init__(self) -> None:
+    ``on_error(kind)`` is called once per connection that ended because of its peer (or a
+    bug), and once per stream failed by a limit or malformed input; the kinds are listed in
+    the package docstring. It must not block.
+    """
+
+    def __init__(
+        self, limits: ServerLimits | None = None, *, on_error: ErrorHook | None = None
+    ) -> None:
+        self.limits = limits if limits is not None else ServerLimits()
+        self._on_error = on_error
         self._routes: dict[str, _Route] = {}
         self._active = 0
+        self._connections = 0
 
     @property
     def active_streams(self) -> int:
         """How many handlers are running right now."""
         return self._active
 
+    @property
+    def open_connections(self) -> int:
+        """How many connections are being served right now (every socket of this server)."""
+        return self._connections
+
     def add_unary(
         self, method: Method[Req, Resp], handler: Callable[[Req, ServerContext], Awaitable[Resp]]
     ) -> None:
-        if method.server_streaming:
-            raise ValueError(f"{method.path} streams responses: use add_stream")
-        self._routes[method.path] = _Route(method, handler, None)
+        if method.server_streaming or method.client_streaming:
+            raise ValueError(f"{method.path} streams: use add_stream or add_bidi")
+        self._routes[method.path] = _Route(method, unary=handler)
 
     def add_stream(
         self,
@@ -118,9 +175,26 @@ class Server:
         handler: Callable[[Req, ServerContext, StreamSender[Resp]], Awaitable[None]],
     ) -> None:
         """A handler that calls `await send(msg)` per message; returning ends the stream OK."""
-        if not method.server_streaming:
-            raise ValueError(f"{method.path} is unary: use add_unary")
-        self._routes[method.path] = _Route(method, None, handler)
+        if not method.server_streaming or method.client_streaming:
+            raise ValueError(f"{method.path} is not server-streaming only")
+        self._routes[method.path] = _Route(method, stream=handler)
+
+    def add_bidi(
+        self,
+        method: Method[Req, Resp],
+        handler: Callable[[AsyncIterator[Req], ServerContext, StreamSender[Resp]], Awaitable[None]],
+    ) -> None:
+        """A bidirectional stream: ``handler(requests, context, send)``.
+
+        ``requests`` yields each request as the client sends it and stops when the client
+        ends its side; it raises RpcError if a request breaks a limit or cannot be parsed. A
+        request's bytes are handed back to the client's flow-control window only once the
+        handler has taken it, so a handler that stops reading stops the client. Returning
+        ends the stream OK; the client's reset cancels the handler.
+        """
+        if not (method.server_streaming and method.client_streaming):
+            raise ValueError(f"{method.path} is not bidirectional")
+        self._routes[method.path] = _Route(method, bidi=handler)
 
     async def serve(
         self,
@@ -152,6 +226,7 @@ class Server:
     async def _accept(
         self, listener: trio.SocketListener, nursery: trio.Nursery, path: str
     ) -> None:
+        here = _Count()
         while True:
             try:
                 stream = await listener.accept()
@@ -159,113 +234,193 @@ class Server:
                 logger.warning("accept on %s failed: %s", path, exc)
                 await trio.sleep(0.1)
                 continue
-            nursery.start_soon(_Connection(self, stream).run)
+            if here.value >= self.limits.max_connections:
+                await self._refuse(stream, path)
+                continue
+            nursery.start_soon(self._serve_connection, stream, path, here)
+
+    async def _refuse(self, stream: trio.SocketStream, path: str) -> None:
+        reason = f"more than {self.limits.max_connections} connections"
+        with trio.move_on_after(_REFUSAL_GRACE), contextlib.suppress(*IO_ERRORS):
+            await stream.send_all(refusal_bytes(reason))
+        with contextlib.suppress(*IO_ERRORS):
+            await stream.aclose()
+        logger.warning(
+            "grpc_connection_closed",
+            extra={"fields": {"side": "server", "socket": path, "reason": reason}},
+        )
+        if self._on_error is not None:
+            try:
+                self._on_error(TOO_MANY_CONNECTIONS)
+            except Exception:
+                logger.exception("gRPC on_error hook failed")
+
+    async def _serve_connection(self, stream: trio.SocketStream, path: str, here: _Count) -> None:
+        here.value += 1
+        self._connections += 1
+        try:
+            await ServerConnection(self, stream, path).run()
+        except Exception:  # never reaches serve(): only this connection is lost
+            logger.exception("gRPC server connection on %s failed", path)
+        finally:
+            here.value -= 1
+            self._connections -= 1
 
 
-class _Connection:
-    def __init__(self, server: Server, stream: trio.SocketStream) -> None:
+class _Count:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+class ServerConnection:
+    """One accepted connection: routes its streams to handler tasks."""
+
+    def __init__(self, server: Server, stream: trio.SocketStream, path: str) -> None:
         self._server = server
         self._routes = server._routes
         self._peer = _peer_credentials(stream.socket)
-        self.transport = Transport(stream, client_side=False)
-        self._calls: dict[int, _Call] = {}
+        limits = server.limits
+        self.core = ProtocolCore(client_side=False, limits=WireLimits.for_server(limits))
+        fields: dict[str, Any] = {"side": "server", "socket": path}
+        if self._peer is not None:
+            fields["peer_pid"] = self._peer.pid
+        self.transport = Transport(
+            stream,
+            self.core,
+            handshake_timeout=limits.handshake_timeout,
+            idle_timeout=limits.idle_timeout,
+            max_send_queue_bytes=limits.max_send_queue_bytes,
+            log_fields=fields,
+            on_error=server._on_error,
+        )
+        self._calls: dict[int, ServerCall] = {}
+        self._draining = False
         self._nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            await self.transport.run(self._on_events, lambda cause: nursery.cancel_scope.cancel())
+
+            def closed(end: ConnectionFailed) -> None:
+                nursery.cancel_scope.cancel()
+
+            await self.transport.run(self._on_events, closed)
 
     def _on_events(self, events: Sequence[Event]) -> None:
         for event in events:
-            if isinstance(event, RequestReceived):
+            if isinstance(event, MessageReceived):
+                call = self._calls.get(event.stream_id)
+                if call is None or call.one_request:
+                    self.core.ack(event.stream_id, event.size)
+                else:
+                    call.messages.append((event.data, event.size))
+                    call.wake()
+            elif isinstance(event, RequestStarted):
                 self._start(event)
             elif isinstance(event, RequestRejected):
                 if event.path in self._routes:
-                    self._answer(event.stream_id, StatusCode.INTERNAL, event.reason)
+                    self._answer(event.stream_id, event.code, event.reason)
                 else:
                     self._answer(event.stream_id, *_unimplemented(event.path))
+                self.transport.report(event.kind)
             elif isinstance(event, (WindowUpdated, SettingsChanged)):
                 self.transport.notify()
-            elif (call := self._calls.get(getattr(event, "stream_id", 0))) is not None:
-                if isinstance(event, MessageReceived):
-                    if call.request is None:
-                        call.request = (event.data, event.flow_controlled_length)
-                    else:  # unary request: further messages are ignored
-                        self.transport.protocol.ack(event.stream_id, event.flow_controlled_length)
-                elif isinstance(event, StreamEnded):
-                    call.request_ended = True
-                elif isinstance(event, StreamFailed):
-                    call.failed = RpcError(event.code, event.reason)
-                elif isinstance(event, StreamReset):
-                    call.reset = True
-                    call.scope.cancel()
-                    self.transport.notify()
-                call.wake()
+            elif isinstance(event, StreamRefused):
+                self.transport.report(STREAM_REFUSED)
+            elif isinstance(event, GoAwayReceived):
+                self._draining = True
+                if not self._calls:
+                    self.transport.close(ErrorCodes.NO_ERROR, None, "client sent GOAWAY")
+            elif isinstance(event, (StreamEnded, StreamFailed, StreamReset)):
+                self._stream_event(event)
 
-    def _start(self, event: RequestReceived) -> None:
-        path = f"/{event.service_name}/{event.method_name}"
-        route = self._routes.get(path)
-        if route is None:
-            self._answer(event.stream_id, *_unimplemented(path))
+    def _stream_event(self, event: StreamEnded | StreamFailed | StreamReset) -> None:
+        call = self._calls.get(event.stream_id)
+        if isinstance(event, StreamFailed):
+            self.transport.report(event.kind)
+            if call is None:
+                self._answer(event.stream_id, event.code, event.reason)
+                return
+            call.failed = RpcError(event.code, event.reason)
+        if call is None:
+            return
+        if isinstance(event, StreamEnded):
+            call.request_ended = True
+        elif isinstance(event, StreamReset):
+            call.reset = True
+            call.scope.cancel()
+            self.transport.notify()
+        call.wake()
+
+    def _start(self, event: RequestStarted) -> None:
+        route = self._routes.get(event.path)
+        if route is None or self._nursery is None:
+            self._answer(event.stream_id, *_unimplemented(event.path))
             return
         deadline = None
         if event.timeout is not None:
-            deadline = trio.current_time() + event.timeout.total_seconds()
-        metadata = {k: v for k, v in event.custom_metadata if isinstance(v, str)}
+            deadline = trio.current_time() + event.timeout
+        metadata = {k: v for k, v in event.metadata if isinstance(v, str)}
         context = ServerContext(route.method, MappingProxyType(metadata), deadline, self._peer)
-        call = self._calls[event.stream_id] = _Call(math.inf if deadline is None else deadline)
-        assert self._nursery is not None
-        self._nursery.start_soon(self._run_call, event.stream_id, call, route, context)
+        call = ServerCall(event.stream_id, math.inf if deadline is None else deadline)
+        self._calls[event.stream_id] = call
+        self.transport.set_busy(True)
+        self._nursery.start_soon(self._run_call, call, route, context)
 
     def _answer(self, stream_id: int, code: StatusCode, message: str) -> None:
         """End a stream with a status before any response was sent."""
-        self._send_status(stream_id, code, message, trailers_only=True)
-        self.transport.protocol.forget(stream_id)
+        self.core.respond_status(stream_id, int(code), message, trailers_only=True)
+        self._finish_stream(stream_id)
 
-    def _send_status(
-        self, sid: int, code: StatusCode, message: str, *, trailers_only: bool
-    ) -> None:
-        status = Status(int(code), message)
-        with contextlib.suppress(h2.exceptions.ProtocolError):  # stream already closed
-            if trailers_only:
-                self.transport.protocol.respond_status(sid, status)
-            else:
-                self.transport.protocol.end_response(sid, status)
+    def _finish_stream(self, stream_id: int) -> None:
+        # A client still sending after the status is told to stop (as grpc-go does).
+        if self.core.peer_still_sending(stream_id):
+            self.core.reset(stream_id, ErrorCodes.NO_ERROR)
+        self.core.forget(stream_id)
+        self.transport.flush()
 
-    async def _run_call(self, sid: int, call: _Call, route: _Route, context: ServerContext) -> None:
+    async def _run_call(self, call: ServerCall, route: _Route, context: ServerContext) -> None:
         self._server._active += 1
         try:
-            status = await self._handle(sid, call, route, context)
+            status = await self._handle(call, route, context)
             if status is not None and not call.reset:
-                self._send_status(sid, *status, trailers_only=not call.headers_sent)
+                code, message = status
+                self.core.respond_status(
+                    call.stream_id, int(code), message, trailers_only=not call.headers_sent
+                )
         finally:
             self._server._active -= 1
-            del self._calls[sid]
-            self.transport.protocol.forget(sid)
-            self.transport.flush()
+            del self._calls[call.stream_id]
+            self._finish_stream(call.stream_id)
+            if not self._calls:
+                self.transport.set_busy(False)
+                if self._draining:
+                    self.transport.close(ErrorCodes.NO_ERROR, None, "client sent GOAWAY")
 
     async def _handle(
-        self, sid: int, call: _Call, route: _Route, context: ServerContext
+        self, call: ServerCall, route: _Route, context: ServerContext
     ) -> tuple[StatusCode, str] | None:
         path = route.method.path
         status: tuple[StatusCode, str] | None = None
 
         async def send(message: Message) -> None:
-            await self._send(sid, call, message)
+            await self._send(call, message)
 
         with call.scope:
             try:
-                data = await self._request(sid, call)
-                try:
-                    request = route.method.request_type.FromString(data)
-                except DecodeError:
-                    raise RpcError(StatusCode.INTERNAL, "could not parse request") from None
-                if route.unary is not None:
-                    await send(await route.unary(request, context))
+                if route.bidi is not None:
+                    requests = _Requests(self, call, route.method.request_type)
+                    await route.bidi(requests, context, send)
                 else:
-                    assert route.stream is not None
-                    await route.stream(request, context, send)
+                    # Not kept in a local: a long stream holds the parsed request only.
+                    request = _parse(route.method, await self._one_request(call))
+                    if route.unary is not None:
+                        await send(await route.unary(request, context))
+                    else:
+                        assert route.stream is not None
+                        await route.stream(request, context, send)
                 status = (StatusCode.OK, "")
             except RpcError as exc:
                 status = (exc.code, exc.message)
@@ -276,27 +431,72 @@ class _Connection:
             status = (StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         return status
 
-    async def _request(self, sid: int, call: _Call) -> bytes:
-        while call.request is None:
+    async def _one_request(self, call: ServerCall) -> bytes:
+        while not call.messages:
             if call.failed is not None:
-                raise call.failed
+                raise RpcError(call.failed.code, call.failed.message)
             if call.request_ended:
                 raise RpcError(StatusCode.INTERNAL, "request ended without a message")
-            call.event = trio.Event()
-            await call.event.wait()
-        data, size = call.request
-        self.transport.protocol.ack(sid, size)
+            await call.wait()
+        data, size = call.messages.popleft()
+        call.one_request = True
+        for _, extra in call.messages:
+            self.core.ack(call.stream_id, extra)
+        call.messages.clear()
+        self.core.ack(call.stream_id, size)
         self.transport.flush()
         return data
 
-    async def _send(self, sid: int, call: _Call, message: Message) -> None:
+    async def next_request(self, call: ServerCall) -> bytes | None:
+        """The next request message of a streaming call, None once the client ended it."""
+        while not call.messages:
+            if call.failed is not None:
+                raise RpcError(call.failed.code, call.failed.message)
+            if call.request_ended:
+                return None
+            await call.wait()
+        data, size = call.messages.popleft()
+        self.core.ack(call.stream_id, size)
+        self.transport.flush()
+        return data
+
+    async def _send(self, call: ServerCall, message: Message) -> None:
         try:
             if not call.headers_sent:
-                self.transport.protocol.start_response(sid)
+                self.core.respond(call.stream_id)
                 call.headers_sent = True
-            await self.transport.send_message(sid, message.SerializeToString())
-        except (StreamGone, h2.exceptions.ProtocolError):
+            await self.transport.send_message(call.stream_id, message.SerializeToString())
+        except StreamGone:
             raise RpcError(StatusCode.CANCELLED, "the call is no longer active") from None
+
+
+class _Requests(Generic[Req]):
+    """The requests of a bidirectional call, as the handler consumes them."""
+
+    def __init__(self, connection: ServerConnection, call: ServerCall, kind: type[Req]) -> None:
+        self._connection = connection
+        self._call = call
+        self._kind = kind
+
+    def __aiter__(self) -> _Requests[Req]:
+        return self
+
+    async def __anext__(self) -> Req:
+        data = await self._connection.next_request(self._call)
+        if data is None:
+            raise StopAsyncIteration
+        return _parse_as(self._kind, data)
+
+
+def _parse(method: Method[Req, Any], data: bytes) -> Req:
+    return _parse_as(method.request_type, data)
+
+
+def _parse_as(kind: type[Req], data: bytes) -> Req:
+    try:
+        return kind.FromString(data)
+    except DecodeError:
+        raise RpcError(StatusCode.INTERNAL, "could not parse request") from None
 
 
 def _unimplemented(path: str) -> tuple[StatusCode, str]:

@@ -20,12 +20,15 @@ import secrets
 import shutil
 import stat
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trio_spirecsi.log import event
-from trio_spirecsi.storage.mount import mount_table
+from trio_spirecsi.storage.errors import StorageError
+from trio_spirecsi.storage.mount import MountInfo, fs_location, mount_table
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,10 @@ FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 DATA_DIR = "data"
 CORRUPT_DIR = ".corrupt"
+NOTE_FILE = "set-aside.json"
+DEFAULT_KEEP_CORRUPT = 32
+_KEY_MARK = b"PRIVATE KEY"
+_MAX_REASON = 2000
 _TMP_PREFIX = f".{METADATA_FILE}."
 _TMP_SUFFIX = ".tmp"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -49,10 +56,6 @@ _FIELDS = {
 
 class MetadataError(ValueError):
     """A metadata record is malformed; the message says what is wrong."""
-
-
-class StorageError(OSError):
-    """The store refused an operation that would be unsafe (the message says why)."""
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -174,12 +177,21 @@ def folder_name(volume_id: str) -> str:
 
 
 class MetadataStore:
-    """One folder per volume under ``state_dir`` (created 0700 if missing)."""
+    """One folder per volume under ``state_dir`` (created 0700 if missing).
 
-    def __init__(self, state_dir: Path) -> None:
-        self.state_dir = Path(os.path.abspath(state_dir))
-        self.state_dir.parent.mkdir(parents=True, exist_ok=True)
-        _mkdir_private(self.state_dir)
+    ``state_dir`` is resolved once, here (symlinks in the configured path are the operator's);
+    nothing below it is ever followed. ``keep_corrupt`` bounds how many set-aside folders
+    ``.corrupt/`` keeps (the newest), so a crash loop cannot fill the tmpfs.
+    """
+
+    def __init__(self, state_dir: Path, *, keep_corrupt: int = DEFAULT_KEEP_CORRUPT) -> None:
+        if keep_corrupt < 0:
+            raise ValueError(f"keep_corrupt must be 0 or more, not {keep_corrupt}")
+        self.keep_corrupt = keep_corrupt
+        self.state_dir = Path(os.path.realpath(state_dir))
+        with _storage_errors(f"creating the state folder {self.state_dir}"):
+            self.state_dir.parent.mkdir(parents=True, exist_ok=True)
+            _mkdir_private(self.state_dir)
 
     def volume_dir(self, volume_id: str) -> Path:
         """The volume's folder, named by :func:`folder_name`."""
@@ -190,28 +202,28 @@ class MetadataStore:
         return self.volume_dir(volume_id) / DATA_DIR
 
     def write(self, md: VolumeMetadata) -> Path:
-        """Create the volume folder (0700) if needed and replace its metadata atomically."""
+        """Create the volume folder (0700) if needed and replace its metadata atomically.
+        Raises StorageError (ENOSPC, EROFS, ...) naming the folder."""
         payload = md.to_json()
         folder = self.volume_dir(md.volume_id)
-        created = _mkdir_private(folder)
-        tmp = folder / f"{_TMP_PREFIX}{secrets.token_hex(8)}{_TMP_SUFFIX}"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o600)
-        try:
+        with _storage_errors(f"writing the metadata of volume {md.volume_id!r:.80} in {folder}"):
+            created = _mkdir_private(folder)
+            tmp = folder / f"{_TMP_PREFIX}{secrets.token_hex(8)}{_TMP_SUFFIX}"
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(tmp, flags, 0o600)
             try:
-                view = memoryview(payload)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, folder / METADATA_FILE)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(folder)
-        if created:
-            _fsync_dir(self.state_dir)
+                try:
+                    _write_all(fd, payload)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, folder / METADATA_FILE)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            _fsync_dir(folder)
+            if created:
+                _fsync_dir(self.state_dir)
         return folder
 
     def read(self, volume_id: str) -> VolumeMetadata | None:
@@ -227,17 +239,30 @@ class MetadataStore:
         """Sort every volume folder into valid, corrupt and orphan; drop metadata temp files.
 
         A record whose volume id does not map to the folder it is in counts as corrupt.
+        Also tidies ``.corrupt/``: deletes anything but metadata and notes left there by an
+        older driver (which kept whole folders, keys included) and keeps the newest
+        ``keep_corrupt`` entries; problems there are logged, never raised.
         """
+        self._tidy_corrupt()
         valid: list[VolumeMetadata] = []
         corrupt: list[Path] = []
         orphans: list[Path] = []
-        for name in sorted(os.listdir(self.state_dir)):
+        with _storage_errors(f"reading the state folder {self.state_dir}"):
+            names = sorted(os.listdir(self.state_dir))
+        for name in names:
             folder = self.state_dir / name
-            if name == CORRUPT_DIR or not stat.S_ISDIR(os.lstat(folder).st_mode):
+            try:
+                if name == CORRUPT_DIR or not stat.S_ISDIR(os.lstat(folder).st_mode):
+                    continue
+                for leftover in os.listdir(folder):
+                    if leftover.startswith(_TMP_PREFIX) and leftover.endswith(_TMP_SUFFIX):
+                        (folder / leftover).unlink(missing_ok=True)
+            except FileNotFoundError:
                 continue
-            for leftover in os.listdir(folder):
-                if leftover.startswith(_TMP_PREFIX) and leftover.endswith(_TMP_SUFFIX):
-                    (folder / leftover).unlink(missing_ok=True)
+            except OSError as exc:
+                event(log, logging.WARNING, "metadata_corrupt", folder=str(folder), error=exc)
+                corrupt.append(folder)
+                continue
             try:
                 md = VolumeMetadata.from_json(_read_nofollow(folder))
                 if self.volume_dir(md.volume_id) != folder:
@@ -251,24 +276,140 @@ class MetadataStore:
                 valid.append(md)
         return LoadResult(valid=valid, corrupt=corrupt, orphans=orphans)
 
-    def set_aside(self, path: Path) -> Path:
-        """Move a volume folder to ``<state_dir>/.corrupt/<name>-<UTC time>``; return the new
-        path. Nothing inside is changed, so keys keep their modes; the folder is 0700."""
+    def set_aside(self, path: Path, reason: str = "") -> Path:
+        """Set aside a volume folder the driver cannot serve, keeping what a person needs to see
+        why and nothing secret; return the new entry, ``.corrupt/<name>-<UTC time>``.
+
+        The entry gets the folder's ``metadata.json`` (unless it is not a plain file or holds a
+        private key) and ``set-aside.json`` (``reason``, the time, what was deleted). Everything
+        else (``data/`` with every generation, key, bundle, token and socket) is deleted where
+        it is, before anything moves, so no key ever enters ``.corrupt``; then the folder is
+        removed. Only the newest ``keep_corrupt`` entries are kept.
+
+        Files a pod still sees through a bind mount of ``data/`` are deleted too (the pod's
+        mount then shows an empty folder); the unmount at unpublish still recognises that
+        mount as the driver's, by the deleted folder's place in mountinfo.
+
+        Raises StorageError, changing nothing, if something is mounted inside the folder
+        (deleting would reach into another filesystem) or it is not a folder; if a deletion
+        fails midway, StorageError names what is left, and nothing was moved.
+        """
         path = self._child(path)
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError as exc:
+            raise StorageError(exc.errno, f"cannot set {path} aside: {exc.strerror}") from None
+        if not stat.S_ISDIR(mode):
+            raise StorageError(errno.ENOTDIR, f"cannot set {path} aside: it is not a folder")
+        table = mount_table()
+        inside = _mounts_inside(path, table)
+        if inside:
+            raise StorageError(
+                errno.EBUSY,
+                f"refusing to set {path} aside: {inside[0]} is a mount point inside it; "
+                "nothing was changed (unmount it, then restart the driver)",
+            )
+        pods = _bound_elsewhere(path, table)
+        keep, deleted = _scrub(path, f"setting {path} aside")
         corrupt = self.state_dir / CORRUPT_DIR
-        _mkdir_private(corrupt)
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        dest = corrupt / f"{path.name}-{stamp}"
-        n = 1
-        while os.path.lexists(dest):
-            dest = corrupt / f"{path.name}-{stamp}-{n}"
-            n += 1
-        os.rename(path, dest)
-        if not dest.is_symlink():
+        with _storage_errors(f"setting {path} aside (its keys are already deleted)"):
+            _mkdir_private(corrupt)
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            dest = corrupt / f"{path.name}-{stamp}"
+            n = 1
+            while os.path.lexists(dest):
+                dest = corrupt / f"{path.name}-{stamp}-{n}"
+                n += 1
+            os.mkdir(dest, 0o700)
+            note = {
+                "folder": path.name,
+                "reason": reason[:_MAX_REASON],
+                "set_aside_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "metadata_kept": keep,
+                "deleted": deleted,
+                "was_mounted_at": [str(p) for p in pods],
+            }
+            _write_new(dest / NOTE_FILE, json.dumps(note, indent=2).encode() + b"\n")
+            if keep:
+                os.rename(path / METADATA_FILE, dest / METADATA_FILE)
+                os.chmod(dest / METADATA_FILE, 0o600)
+            os.rmdir(path)
             os.chmod(dest, 0o700)
-        _fsync_dir(corrupt)
-        _fsync_dir(self.state_dir)
+            _fsync_dir(dest)
+            _fsync_dir(corrupt)
+            _fsync_dir(self.state_dir)
+        if pods:
+            event(
+                log,
+                logging.WARNING,
+                "set_aside_while_mounted",
+                folder=str(path),
+                mounted_at=",".join(map(str, pods)),
+            )
+        self._cap_corrupt()
         return dest
+
+    def _tidy_corrupt(self) -> None:
+        corrupt = self.state_dir / CORRUPT_DIR
+        try:
+            names = os.listdir(corrupt)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            event(log, logging.WARNING, "corrupt_tidy_failed", folder=str(corrupt), error=exc)
+            return
+        table: list[MountInfo] | None = None
+        for name in names:
+            entry = corrupt / name
+            try:
+                if not stat.S_ISDIR(os.lstat(entry).st_mode):
+                    continue
+                if _only_notes(entry):
+                    continue
+                table = mount_table() if table is None else table
+                inside = _mounts_inside(entry, table)
+                if inside:
+                    raise StorageError(errno.EBUSY, f"{inside[0]} is a mount point inside it")
+                _keep, deleted = _scrub(entry, f"tidying {entry}", keep_names={NOTE_FILE})
+            except OSError as exc:
+                event(log, logging.WARNING, "corrupt_tidy_failed", folder=str(entry), error=exc)
+            else:
+                event(log, logging.INFO, "corrupt_scrubbed", folder=str(entry), deleted=deleted)
+        self._cap_corrupt()
+
+    def _cap_corrupt(self) -> None:
+        """Delete the oldest entries of ``.corrupt`` beyond ``keep_corrupt`` (by change time:
+        an entry's last change is when it was set aside)."""
+        corrupt = self.state_dir / CORRUPT_DIR
+        try:
+            names = os.listdir(corrupt)
+        except OSError:
+            return
+        if len(names) <= self.keep_corrupt:
+            return
+        aged = []
+        for name in names:
+            try:
+                aged.append((os.lstat(corrupt / name).st_ctime_ns, name))
+            except FileNotFoundError:
+                continue
+        aged.sort()
+        table = mount_table()
+        for _ctime, name in aged[: max(len(aged) - self.keep_corrupt, 0)]:
+            entry = corrupt / name
+            try:
+                inside = _mounts_inside(entry, table)
+                if inside:
+                    raise StorageError(errno.EBUSY, f"{inside[0]} is a mount point inside it")
+                with _storage_errors(f"deleting {entry}"):
+                    if stat.S_ISDIR(os.lstat(entry).st_mode):
+                        shutil.rmtree(entry)
+                    else:
+                        os.unlink(entry)
+            except OSError as exc:
+                event(log, logging.WARNING, "corrupt_prune_failed", folder=str(entry), error=exc)
+            else:
+                event(log, logging.INFO, "corrupt_pruned", folder=str(entry))
 
     def remove(self, volume_id: str) -> None:
         """Delete the volume's folder; idempotent. See :meth:`remove_folder`."""
@@ -280,21 +421,33 @@ class MetadataStore:
         Never follows a symlink (a symlinked folder is unlinked, not its target). Raises
         StorageError, deleting nothing, while anything is mounted inside the folder or a
         folder inside it is still the source of a bind mount: deleting would remove files a
-        pod still sees.
+        pod still sees. Other failures raise StorageError naming the path.
         """
         path = self._child(path)
-        try:
-            mode = os.lstat(path).st_mode
-        except FileNotFoundError:
-            return
-        if not stat.S_ISDIR(mode):
-            os.unlink(path)
-        else:
-            busy = _mounted_from(path)
-            if busy is not None:
-                raise StorageError(errno.EBUSY, f"refusing to remove {path}: {busy}")
-            shutil.rmtree(path)
-        _fsync_dir(self.state_dir)
+        with _storage_errors(f"removing {path}"):
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                return
+            if not stat.S_ISDIR(mode):
+                os.unlink(path)
+            else:
+                busy = _mounted_from(path)
+                if busy is not None:
+                    raise StorageError(errno.EBUSY, f"refusing to remove {path}: {busy}")
+                shutil.rmtree(path)
+            _fsync_dir(self.state_dir)
+
+    def removal_blocker(self, volume_id: str, *, target: Path | None = None) -> str | None:
+        """Why the volume's folder could not be removed once its mount at ``target`` is gone
+        (a mount inside it, its data mounted elsewhere), or None. Lets unpublish refuse
+        before it stops or unmounts anything, instead of failing halfway."""
+        folder = self.volume_dir(volume_id)
+        if not folder.is_dir():
+            return None
+        expected = Path(os.path.realpath(target)) if target is not None else None
+        busy = _mounted_from(folder, expected)
+        return f"cannot remove {folder}: {busy}" if busy is not None else None
 
     def _child(self, path: Path) -> Path:
         path = Path(os.path.abspath(path))
@@ -303,30 +456,115 @@ class MetadataStore:
         return path
 
 
+@contextmanager
+def _storage_errors(what: str) -> Iterator[None]:
+    """Turn an OSError into a StorageError that says what was being done, and on which path."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        reason = exc.strerror or str(exc)
+        raise StorageError(exc.errno or errno.EIO, f"{what}: {reason}{where}") from exc
+
+
+def _write_all(fd: int, payload: bytes) -> None:
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _write_new(path: Path, payload: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        _write_all(fd, payload)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _read_nofollow(folder: Path) -> bytes:
     fd = os.open(folder / METADATA_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as fh:
         return fh.read()
 
 
-def _mounted_from(folder: Path) -> str | None:
+def _holds_key(path: Path) -> bool:
+    """Whether a file may hold a private key (unreadable counts as yes)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as fh:
+            return _KEY_MARK in fh.read()
+    except OSError:
+        return True
+
+
+def _only_notes(entry: Path) -> bool:
+    """Whether a ``.corrupt`` entry holds nothing but a plain metadata file and a note."""
+    for item in os.scandir(entry):
+        if item.name not in (METADATA_FILE, NOTE_FILE) or not item.is_file(follow_symlinks=False):
+            return False
+        if item.name == METADATA_FILE and _holds_key(Path(item.path)):
+            return False
+    return True
+
+
+def _scrub(
+    folder: Path, what: str, keep_names: frozenset[str] | set[str] = frozenset()
+) -> tuple[bool, list[str]]:
+    """Delete everything in ``folder`` except a plain ``metadata.json`` without a private key
+    (and ``keep_names``); whether that metadata is kept, and the names deleted. Symlinks are
+    deleted, never followed."""
+    keep = False
+    deleted: list[str] = []
+    with _storage_errors(f"{what}: deleting its files failed, the folder stays where it is"):
+        for item in sorted(os.scandir(folder), key=lambda e: e.name):
+            plain = item.is_file(follow_symlinks=False)
+            if item.name == METADATA_FILE and plain and not _holds_key(Path(item.path)):
+                keep = True
+                continue
+            if item.name in keep_names and plain:
+                continue
+            if item.is_dir(follow_symlinks=False):
+                shutil.rmtree(item.path)
+            else:
+                os.unlink(item.path)
+            deleted.append(item.name)
+        _fsync_dir(folder)
+    return keep, deleted
+
+
+def _mounts_inside(folder: Path, table: Sequence[MountInfo]) -> list[Path]:
+    """Mount points at or below ``folder``."""
+    return [m.mount_point for m in table if m.mount_point.is_relative_to(folder)]
+
+
+def _bound_elsewhere(folder: Path, table: Sequence[MountInfo]) -> list[Path]:
+    """Where ``folder`` or a folder inside it is the source of a bind mount (by device and
+    mountinfo root, so a mount hidden under another one counts too)."""
+    location = fs_location(folder, table)
+    if location is None:
+        return []
+    device, root = location
+    return [
+        m.mount_point
+        for m in table
+        if m.device == device
+        and m.root.is_relative_to(root)
+        and not m.mount_point.is_relative_to(folder)
+    ]
+
+
+def _mounted_from(folder: Path, expected: Path | None = None) -> str | None:
     """Why ``folder`` must not be deleted: a mount inside it, or a bind mount of a folder
-    inside it elsewhere (found by device and inode). None when it is safe."""
-    real = Path(os.path.realpath(folder))
-    dev = os.lstat(real).st_dev
-    inodes: set[int] = set()
-    for top, dirs, _files in os.walk(real):
-        for name in [".", *dirs]:
-            inodes.add(os.lstat(os.path.join(top, name)).st_ino)
-    for entry in mount_table():
-        if entry.mount_point == real or entry.mount_point.is_relative_to(real):
-            return f"{entry.mount_point} is a mount point"
-        if entry.device != (os.major(dev), os.minor(dev)):
-            continue
-        try:
-            st = os.stat(entry.mount_point)
-        except OSError:
-            continue
-        if st.st_dev == dev and st.st_ino in inodes:
-            return f"it is mounted at {entry.mount_point}"
+    inside it elsewhere (other than at ``expected``, the target about to be unmounted). None
+    when it is safe."""
+    table = mount_table()
+    inside = _mounts_inside(folder, table)
+    if inside:
+        return f"{inside[0]} is a mount point"
+    elsewhere = [p for p in _bound_elsewhere(folder, table) if p != expected]
+    if elsewhere:
+        return f"it is mounted at {elsewhere[0]}"
     return None

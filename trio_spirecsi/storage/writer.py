@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from trio_spirecsi.storage.errors import StorageError
+
 DATA_LINK = "..data"
 _DATA_TMP = "..data_tmp"
 _LINK_TMP = "..link_tmp"
@@ -199,9 +201,23 @@ def write_atomically(
     current generation already holds exactly ``files`` nothing is swapped, so consumers that
     watch the files do not reload for nothing. Unix sockets in ``data_dir`` (a server's, such
     as the volume's Workload API socket) are left in place. The parent of ``data_dir`` must
-    exist.
+    exist. Failures (ENOSPC, EROFS, a missing parent) raise StorageError naming the path;
+    invalid names or modes raise ValueError before anything is written.
     """
     _check(files)
+    try:
+        _write(data_dir, files, gid, selinux_context)
+    except OSError as exc:
+        if isinstance(exc, StorageError):
+            raise
+        where = f" ({exc.filename})" if exc.filename and exc.filename != str(data_dir) else ""
+        reason = exc.strerror or str(exc)
+        raise StorageError(exc.errno or errno.EIO, f"writing {data_dir}: {reason}{where}") from exc
+
+
+def _write(
+    data_dir: Path, files: Mapping[str, FileContent], gid: int | None, selinux_context: str | None
+) -> None:
     try:
         os.mkdir(data_dir, 0o700)
     except FileExistsError:

@@ -25,12 +25,14 @@ import trio
 
 from .. import log
 from ..attributes import VolumeSpec, parse_volume_context
-from ..errors import AlreadyExists, NotFound, PublishFailed, SpireCSIError
+from ..errors import AlreadyExists, InvalidArgument, NotFound, PublishFailed, SpireCSIError
 from ..metrics import Metrics
 from ..spire.backoff import AGENT_RETRY, BackoffPolicy
 from ..spire.selectors import selectors_for
+from ..storage.errors import StorageError
 from ..storage.metadata import MetadataError, MetadataStore, VolumeMetadata
 from ..storage.mount import Mounter
+from ..storage.paths import TargetParentMissing, open_target
 from ..storage.writer import DATA_LINK
 from ..watched import Observable
 from .plan import VolumePlan
@@ -90,6 +92,9 @@ def publish_failure(state: VolumeState, waited: str, *, agent_ready: bool) -> Pu
     """
     problem = state.problem
     kind = problem.kind if problem is not None else None
+    if state.written is not None and not state.ready:
+        reason = problem.message if problem is not None else "it does not accept connections yet"
+        return PublishFailed("internal", f"the pod's socket is not ready {waited}: {reason}")
     if kind is ProblemKind.DENIED:
         assert problem is not None
         return PublishFailed("permission_denied", problem.message)
@@ -116,6 +121,7 @@ class Registry:
         agent: Agent,
         metrics: Metrics,
         node_id: str,
+        kubelet_dir: Path,
         publish_timeout: float,
         selinux_context: str | None = None,
         socket_server: SocketServer | None = None,
@@ -127,6 +133,7 @@ class Registry:
         self._agent = agent
         self._metrics = metrics
         self._node_id = node_id
+        self._kubelet_dir = kubelet_dir
         self._publish_timeout = publish_timeout
         self._selinux_context = selinux_context
         self._socket_server = socket_server
@@ -165,29 +172,25 @@ class Registry:
         result = self._store.load_all()
         for path in result.corrupt:
             self._metrics.errors_total.labels(kind="corrupt_metadata").inc()
-            self._set_aside(path, "metadata_corrupt")
+            self._set_aside(path, "metadata_corrupt", reason="metadata.json is corrupt")
         for path in result.orphans:
             try:
                 self._store.remove_folder(path)
                 log.event(logger, logging.WARNING, "orphan_removed", folder=str(path))
             except OSError as exc:
                 log.event(logger, logging.ERROR, "orphan_kept", folder=str(path), error=str(exc))
-        try:
-            mounted = self._mounter.mount_points()  # once: one read per volume is quadratic
-        except OSError as exc:
-            log.event(logger, logging.ERROR, "mount_table_unreadable", error=str(exc))
-            mounted = frozenset()
         for md in result.valid:
             try:
-                self._resume(md, mounted)
+                self._resume(md)
             except Exception as exc:  # one damaged volume never stops the others
                 self._metrics.errors_total.labels(kind="resume_failed").inc()
+                expected = isinstance(exc, SpireCSIError | OSError | MetadataError)
                 self._set_aside(
                     self._store.volume_dir(md.volume_id),
                     "resume_failed",
+                    reason=_describe(exc),
+                    bug=None if expected else exc,
                     volume_id=md.volume_id,
-                    error=_describe(exc),
-                    bug=None if isinstance(exc, SpireCSIError | OSError | MetadataError) else exc,
                 )
         log.event(
             logger,
@@ -198,10 +201,18 @@ class Registry:
         )
 
     def _set_aside(
-        self, folder: Path, event: str, bug: BaseException | None = None, **fields: str
+        self,
+        folder: Path,
+        event: str,
+        *,
+        reason: str,
+        bug: BaseException | None = None,
+        **fields: str,
     ) -> None:
+        """Move a volume folder out of the way (without its keys), logged and never raising."""
+        fields["error"] = reason
         try:
-            fields["moved_to"] = str(self._store.set_aside(folder))
+            fields["moved_to"] = str(self._store.set_aside(folder, reason))
         except OSError as exc:
             fields["set_aside_error"] = _describe(exc)
         if bug is not None:
@@ -209,23 +220,26 @@ class Registry:
         else:
             log.event(logger, logging.ERROR, event, folder=str(folder), **fields)
 
-    def _resume(self, md: VolumeMetadata, mounted: frozenset[Path]) -> None:
-        target = Path(md.target_path)
-        if not target.parent.is_dir():
+    def _resume(self, md: VolumeMetadata) -> None:
+        """Re-validate the record's target exactly as publish does, mount it again if the
+        mount is gone, then start the volume; raises when the record cannot be resumed."""
+        try:
+            target = open_target(self._kubelet_dir, md.target_path, field="metadata target_path")
+        except TargetParentMissing:
             # The pod's folder is gone: the kubelet tore the pod down while we were away.
-            self._mounter.unmount(target)
             self._store.remove(md.volume_id)
             log.event(logger, logging.INFO, "resume_pod_gone", volume_id=md.volume_id)
             return
-        context = md.spec.get("volume_context")
-        if not isinstance(context, dict):
-            raise MetadataError("metadata has no volume_context")
-        spec = parse_volume_context(context, volume_mount_group=md.volume_mount_group)
-        # Mount before starting the volume: if the mount fails, nothing of it runs that
-        # could write into the folder once it is set aside.
-        if Path(os.path.realpath(target)) not in mounted:
-            target.mkdir(exist_ok=True)
-            self._mounter.bind_readonly(self._store.data_dir(md.volume_id), target)
+        with target:
+            context = md.spec.get("volume_context")
+            if not isinstance(context, dict):
+                raise MetadataError("metadata has no volume_context")
+            spec = parse_volume_context(context, volume_mount_group=md.volume_mount_group)
+            # Mount before starting the volume: if the mount fails, nothing of it runs that
+            # could write into the folder once it is set aside.
+            data = self._store.data_dir(md.volume_id)
+            if not self._mounter.is_mounted(target, data):
+                self._mounter.bind_readonly(data, target)
         entry = self._start(md, spec)
         log.event(
             logger,
@@ -293,28 +307,28 @@ class Registry:
                 node_id=self._node_id,
                 created_at=self._now(),
             )
-            mounted = False
-            entry: Entry | None = None
-            try:
-                self._store.remove(req.volume_id)
-                self._store.write(md)
-                entry = self._start(md, req.spec)
-                with trio.move_on_after(self._publish_timeout):
-                    await entry.volume.state.wait_value(_settled)
-                state = entry.volume.state.value
-                if state.written is None:
-                    raise publish_failure(
-                        state,
-                        f"within {self._publish_timeout:g}s",
-                        agent_ready=self._agent.status.value.ready,
-                    )
-                req.target_path.mkdir(exist_ok=True)
-                self._mounter.bind_readonly(entry.volume.plan.data_dir, req.target_path)
-                mounted = True
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await self._teardown(req.volume_id, req.target_path if mounted else None)
-                raise
+            # Checked and held from here on: the wait below cannot redirect the mount.
+            with open_target(self._kubelet_dir, req.target_path) as target:
+                mounted = False
+                try:
+                    self._store.remove(req.volume_id)
+                    self._store.write(md)
+                    entry = self._start(md, req.spec)
+                    with trio.move_on_after(self._publish_timeout):
+                        await entry.volume.state.wait_value(_settled)
+                    state = entry.volume.state.value
+                    if not state.ready:
+                        raise publish_failure(
+                            state,
+                            f"within {self._publish_timeout:g}s",
+                            agent_ready=self._agent.status.value.ready,
+                        )
+                    self._mounter.bind_readonly(entry.volume.plan.data_dir, target)
+                    mounted = True
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await self._teardown(req.volume_id, req.target_path if mounted else None)
+                    raise
 
     def _republish(self, req: PublishRequest, entry: Entry) -> None:
         if not req.same_as(entry.metadata):
@@ -329,14 +343,23 @@ class Registry:
         state = volume.state.value
         if state.written is None and not resumed:
             raise publish_failure(state, "yet", agent_ready=self._agent.status.value.ready)
-        if not self._mounter.is_mounted(req.target_path):
-            req.target_path.mkdir(exist_ok=True)
-            self._mounter.bind_readonly(volume.plan.data_dir, req.target_path)
+        with open_target(self._kubelet_dir, req.target_path) as target:
+            if not self._mounter.is_mounted(target, volume.plan.data_dir):
+                self._mounter.bind_readonly(volume.plan.data_dir, target)
 
     async def unpublish(self, volume_id: str, target_path: Path) -> None:
-        """Idempotent: succeeds for unknown volumes, unmounted targets and missing metadata."""
+        """Idempotent: succeeds for unknown volumes, unmounted targets and missing metadata.
+
+        All or nothing: when the volume's folder could not be removed afterwards (its data
+        mounted somewhere else, a mount inside it), StorageError is raised before anything
+        is stopped or unmounted, and the kubelet's retry finds the volume as it was.
+        """
         async with self._locked(volume_id):
             known = self._entries.get(volume_id)
+            published_at = known.target if known is not None else target_path
+            blocker = self._store.removal_blocker(volume_id, target=published_at)
+            if blocker is not None:
+                raise StorageError(errno.EBUSY, blocker)
             if known is not None and known.target != target_path:
                 log.event(
                     logger,
@@ -364,13 +387,35 @@ class Registry:
                 del self._entries[volume_id]
             self._metrics.volumes_published.set(len(self._entries))
         if target is not None:
-            self._mounter.unmount(target)
-            try:
-                target.rmdir()
-            except OSError as exc:
-                if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EBUSY, errno.ENOTDIR):
-                    raise
+            self._unmount(volume_id, target)
         self._store.remove(volume_id)
+
+    def _unmount(self, volume_id: str, target: Path) -> None:
+        """Remove the volume's own mount at ``target`` (never another one) and the folder."""
+        try:
+            held = open_target(self._kubelet_dir, target)
+        except TargetParentMissing:
+            return  # the pod's folder is gone: nothing can be mounted there
+        except InvalidArgument as exc:
+            # Not safe to follow (a symlink now, or outside the kubelet folder): leave it. If
+            # the volume's data is still mounted there, removing the folder refuses below.
+            log.event(
+                logger, logging.WARNING, "unmount_refused", volume_id=volume_id, error=str(exc)
+            )
+            return
+        with held:
+            result = self._mounter.unmount(held, self._store.data_dir(volume_id))
+            if result.foreign or result.ours_left:
+                log.event(
+                    logger,
+                    logging.WARNING,
+                    "unmount_left_foreign_mount",
+                    volume_id=volume_id,
+                    target=str(target),
+                    ours_left=result.ours_left,
+                )
+            if result.clean:
+                held.remove()
 
     # Queries -------------------------------------------------------------
 

@@ -193,6 +193,9 @@ class VolumeState:
     phase: Phase
     problem: Problem | None = None
     written: Written | None = None
+    serving: bool | None = None
+    """The per-pod socket accepts connections (True) or not yet (False); None when the
+    volume has none."""
 
     @property
     def entitled(self) -> bool:
@@ -200,11 +203,15 @@ class VolumeState:
         return self.problem is None or self.problem.kind is not ProblemKind.ENTITLEMENT_LOST
 
     @property
+    def ready(self) -> bool:
+        """What the pod needs is there: its files and, when it asked for one, its socket
+        (which must accept before the pod's containers start: Istio's proxy checks it)."""
+        return self.written is not None and self.serving is not False
+
+    @property
     def settled(self) -> bool:
-        """Publish can stop waiting: the files are written, or the agent refuses the driver."""
-        return self.written is not None or (
-            self.problem is not None and self.problem.kind is ProblemKind.DENIED
-        )
+        """Publish can stop waiting: the volume is ready, or the agent refuses the driver."""
+        return self.ready or (self.problem is not None and self.problem.kind is ProblemKind.DENIED)
 
     def condition(self, now: float) -> tuple[bool, str]:
         """(abnormal, message) for NodeGetVolumeStats' VOLUME_CONDITION at ``now``."""
@@ -228,9 +235,6 @@ class VolumeState:
         return False, f"SVID {written.spiffe_id} valid until {_utc(written.expires_at)}"
 
 
-_STARTING = VolumeState(Phase.STARTING)
-
-
 class Volume:
     """One published volume's tasks and state; see the module docstring."""
 
@@ -242,6 +246,7 @@ class Volume:
         "_now",
         "_problems",
         "_retry",
+        "_serving",
         "_socket_server",
         "_written_digest",
         "cancel_scope",
@@ -269,7 +274,10 @@ class Volume:
         self._socket_server = socket_server
         self.cancel_scope = trio.CancelScope()
         self.finished = trio.Event()
-        self.state: Watched[VolumeState] = Watched(_on_disk(plan))
+        self._serving: bool | None = (
+            False if plan.spec.workload_api and socket_server is not None else None
+        )
+        self.state: Watched[VolumeState] = Watched(_on_disk(plan, self._serving))
         self.x509: Watched[X509Update | None] = Watched(None)
         """The agent's latest SVID set for this pod (all SVIDs, before selection)."""
         self._jwt: dict[tuple[str, ...], JwtSvid] = {}
@@ -299,7 +307,7 @@ class Volume:
                         nursery.start_soon(self._supervise, "socket", server)
                     await self._supervise("writer", self._write_loop)
         finally:
-            self.state.value = VolumeState(Phase.STOPPED, None, self.state.value.written)
+            self.state.value = VolumeState(Phase.STOPPED, None, self.state.value.written, None)
             self.finished.set()
 
     async def stop(self) -> None:
@@ -341,10 +349,13 @@ class Volume:
             log.event(logger, logging.ERROR, "volume_task_failed", error=detail, **fields)
         else:
             log.bug(logger, "volume_task_failed", first, error=detail, **fields)
+        if task == "socket":
+            self._serving = False
         what = "serve the per-pod socket" if kind is ProblemKind.SOCKET else f"run its {task} task"
         self._report(task, Problem(kind, f"the driver could not {what}: {detail}; retrying"))
 
     def _served(self) -> None:
+        self._serving = True
         self._report("socket", None)
         log.event(
             logger,
@@ -534,7 +545,7 @@ class Volume:
             phase = Phase.STARTING
         else:
             phase = Phase.CURRENT if worst is None else Phase.DEGRADED
-        self.state.value = VolumeState(phase, worst, written)
+        self.state.value = VolumeState(phase, worst, written, self._serving)
         if problem is not None and problem != before:
             log.event(
                 logger,
@@ -545,6 +556,10 @@ class Volume:
                 problem=problem.kind.value,
                 reason=problem.message,
             )
+
+    def now(self) -> float:
+        """The wall clock the volume uses (unix seconds; injected in tests)."""
+        return self._now()
 
     def condition(self, now: float | None = None) -> tuple[bool, str]:
         """(abnormal, message) for VOLUME_CONDITION, now."""
@@ -557,7 +572,7 @@ class Volume:
         return written.expires_at if written is not None else 0.0
 
 
-def _on_disk(plan: VolumePlan) -> VolumeState:
+def _on_disk(plan: VolumePlan, serving: bool | None) -> VolumeState:
     """The state of a volume whose folder may already hold a complete set of files."""
     spec = plan.spec
     name = CREDENTIAL_BUNDLE_FILE if spec.layout == "spiffe-fs" else spec.svid_file
@@ -572,8 +587,8 @@ def _on_disk(plan: VolumePlan) -> VolumeState:
             leaf.not_valid_after_utc.timestamp(),
         )
     except (OSError, IndexError, x509.ExtensionNotFound, *CRYPTO_ERRORS):
-        return _STARTING
-    return VolumeState(Phase.CURRENT, None, written)
+        return VolumeState(Phase.STARTING, serving=serving)
+    return VolumeState(Phase.CURRENT, None, written, serving)
 
 
 def _rank(problem: Problem) -> int:

@@ -1,4 +1,4 @@
-"""The SPIFFE Workload API on a unix socket inside one volume, for that pod only.
+"""The SPIFFE Workload API for one volume's pod, on the socket inside its volume.
 
 The socket lives in the volume's ``data/`` folder, next to the files, so it appears in the
 pod's read-only bind mount and nowhere else: whoever can reach it is that pod, and it
@@ -7,38 +7,34 @@ SubscribeToX509SVIDs stream; JWT-SVIDs from FetchJWTSVIDs with the volume's sele
 bundles from the agent's shared bundle streams, limited to the SVIDs' own trust domains
 and the ones they federate with.
 
-The server runs inside the volume's cancel scope: unpublishing the volume ends every stream
-and removes the socket, and a driver restart serves it again when the volume resumes.
+The handlers run inside the volume's cancel scope (see :mod:`.socket`): unpublishing the
+volume ends every stream, and a driver restart serves it again when the volume resumes.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
-import os
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import trio
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
-from trio_util import wait_any
 
 from .. import log
 from .._proto.spiffe.workload import workload_pb2 as wl
-from ..grpc import RpcError, Server, ServerContext, StatusCode, StreamSender, methods
-from ..ratelimit import TokenBucket
+from ..grpc import (
+    RpcError,
+    Server,
+    ServerContext,
+    StatusCode,
+    StreamSender,
+    methods,
+)
+from ..ratelimit import RateLimit, TokenBucket
 from ..spiffe import spiffe_id_problem
 from ..spire.agent import AgentError, Outcome
-from ..spire.responses import BundleSet, JwtBundles, JwtSvid, X509Bundles, X509Update
-from ..spire.selectors import Selector
-from ..storage.writer import SELINUX_XATTR
-from ..volumes.plan import VolumePlan
-from ..volumes.volume import VolumeState
+from ..spire.responses import BundleSet, X509Update
 from ..watched import Observable
 from .jwt import JwtSvidError, validate_jwt_svid
 from .responses import (
@@ -48,50 +44,15 @@ from .responses import (
     x509_bundles_response,
     x509_svid_response,
 )
+from .views import BUNDLE_WAIT, NO_IDENTITY, AgentView, VolumeView, changed, identity, sources
 
 logger = logging.getLogger(__name__)
 
 HEADER = "workload.spiffe.io"
-NO_IDENTITY = "no identity issued"
-SOCKET_MODE_WITH_GROUP = 0o660
-"""root:<fsGroup>, read-write for the pod's group only."""
-SOCKET_MODE_WITHOUT_GROUP = 0o666
-"""Without an fsGroup the pod's user is unknown; only this pod's mount reaches the socket."""
-BUNDLE_WAIT = 10.0
-"""How long a unary call waits for bundles the agent has not sent yet (seconds)."""
 JWT_FETCH_TIMEOUT = 30.0
 
 _M = TypeVar("_M", bound=Message)
 _T = TypeVar("_T")
-
-
-class VolumeView(Protocol):
-    """What the server reads from its volume."""
-
-    @property
-    def plan(self) -> VolumePlan: ...
-
-    @property
-    def x509(self) -> Observable[X509Update | None]: ...
-
-    @property
-    def state(self) -> Observable[VolumeState]: ...
-
-
-class AgentView(Protocol):
-    """What the server uses of the agent client."""
-
-    @property
-    def x509_bundles(self) -> Observable[X509Bundles]: ...
-
-    @property
-    def jwt_bundles(self) -> Observable[JwtBundles]: ...
-
-    async def jwt_svids(
-        self, selectors: Sequence[Selector], audiences: Sequence[str], *, timeout: float = ...
-    ) -> tuple[JwtSvid, ...]: ...
-
-    def want_jwt_bundles(self) -> None: ...
 
 
 def _check_header(context: ServerContext) -> None:
@@ -105,29 +66,21 @@ def _check_rate(bucket: TokenBucket, context: ServerContext) -> None:
         raise RpcError(StatusCode.UNAVAILABLE, f"rate limit exceeded for {context.method.path}")
 
 
-def _is_not(seen: object, value: object) -> bool:
-    return value is not seen
-
-
-@dataclass(frozen=True)
-class JwtRateLimit:
-    """Per pod and per method, how often FetchJWTSVID and ValidateJWTSVID may be called
-    (each FetchJWTSVID is an agent call; each ValidateJWTSVID verifies a signature)."""
-
-    per_second: float = 10.0
-    burst: int = 20
+JWT_RATE = RateLimit(10.0, 20)
+"""Per pod and per method, how often FetchJWTSVID and ValidateJWTSVID may be called by
+default (each FetchJWTSVID is an agent call; each ValidateJWTSVID verifies a signature)."""
 
 
 class WorkloadApi:
     """The five Workload API handlers for one volume."""
 
     def __init__(
-        self, volume: VolumeView, agent: AgentView, jwt_limit: JwtRateLimit = JwtRateLimit()
+        self, volume: VolumeView, agent: AgentView, jwt_limit: RateLimit = JWT_RATE
     ) -> None:
         self._volume = volume
         self._agent = agent
-        self._fetch_limit = TokenBucket(jwt_limit.per_second, jwt_limit.burst)
-        self._validate_limit = TokenBucket(jwt_limit.per_second, jwt_limit.burst)
+        self._fetch_limit = jwt_limit.bucket()
+        self._validate_limit = jwt_limit.bucket()
 
     def register(self, server: Server) -> None:
         server.add_stream(methods.FETCH_X509_SVID, self.fetch_x509_svid)
@@ -218,7 +171,9 @@ class WorkloadApi:
                 StatusCode.UNAVAILABLE, "the SPIRE agent has not sent the JWT bundles yet"
             )
         try:
-            valid = validate_jwt_svid(request.svid, request.audience, bundles, now=time.time())
+            valid = validate_jwt_svid(
+                request.svid, request.audience, bundles, now=self._volume.now()
+            )
         except JwtSvidError as exc:
             raise RpcError(StatusCode.INVALID_ARGUMENT, exc.message) from None
         claims = struct_pb2.Struct()
@@ -233,12 +188,7 @@ class WorkloadApi:
     # What the answers are built from -------------------------------------
 
     def _identity(self) -> X509Update | None:
-        """The pod's SVID set, None while none has arrived; refused once the agent
-        stopped issuing one for the pod (as the agent itself refuses such a workload)."""
-        if not self._volume.state.value.entitled:
-            raise RpcError(StatusCode.PERMISSION_DENIED, NO_IDENTITY)
-        update: X509Update | None = self._volume.x509.value
-        return update
+        return identity(self._volume)
 
     def _x509_svid(self, now: float) -> wl.X509SVIDResponse | None:
         update = self._identity()
@@ -273,48 +223,31 @@ class WorkloadApi:
         send: StreamSender[_M],
     ) -> None:
         """Send a full response now (once there is one) and again on every change."""
-        sources: tuple[Observable[Any], ...] = (self._volume.x509, bundles, self._volume.state)
+        watched = sources(self._volume, bundles)
         last: _M | None = None
         while True:
-            seen = [source.value for source in sources]
-            now = time.time()
+            seen = [source.value for source in watched]
+            now = self._volume.now()
             response = build(now)
             if response is not None and response != last:
                 await send(response)
                 last = response
-            await self._changed(sources, seen, now)
+            await changed(self._volume, watched, seen, now)
 
     async def _wait_for(
         self, build: Callable[[float], _T | None], bundles: Observable[BundleSet[Any]]
     ) -> _T | None:
         """``build``'s answer once there is one, or None after BUNDLE_WAIT."""
-        sources: tuple[Observable[Any], ...] = (self._volume.x509, bundles, self._volume.state)
+        watched = sources(self._volume, bundles)
         with trio.move_on_after(BUNDLE_WAIT):
             while True:
-                seen = [source.value for source in sources]
-                now = time.time()
+                seen = [source.value for source in watched]
+                now = self._volume.now()
                 result = build(now)
                 if result is not None:
                     return result
-                await self._changed(sources, seen, now)
+                await changed(self._volume, watched, seen, now)
         return None
-
-    async def _changed(
-        self, sources: Sequence[Observable[Any]], seen: Sequence[object], now: float
-    ) -> None:
-        """Return when a source no longer holds what was seen, or when an SVID expires."""
-        timeout = math.inf
-        update = self._volume.x509.value
-        if update is not None:
-            expiries = [s.expires_at - now for s in update.svids if s.expires_at > now]
-            timeout = min([timeout, *expiries])
-        with trio.move_on_after(timeout):
-            await wait_any(
-                *(
-                    functools.partial(source.wait_value, functools.partial(_is_not, old))
-                    for source, old in zip(sources, seen, strict=True)
-                )
-            )
 
     def _for_workload(self, error: AgentError) -> RpcError:
         """An agent failure as the workload should see it (the operator gets the log)."""
@@ -338,63 +271,3 @@ class WorkloadApi:
 
 def _hint_and_id(svid: wl.X509SVID | wl.JWTSVID | Any) -> tuple[str, str]:
     return svid.hint, svid.spiffe_id
-
-
-def socket_mode(gid: int | None) -> int:
-    return SOCKET_MODE_WITHOUT_GROUP if gid is None else SOCKET_MODE_WITH_GROUP
-
-
-async def serve_volume_socket(
-    volume: VolumeView,
-    serving: Callable[[], None],
-    *,
-    agent: AgentView,
-    jwt_limit: JwtRateLimit = JwtRateLimit(),
-) -> None:
-    """Serve the Workload API at ``data_dir/<workload-api-socket>`` until cancelled.
-
-    ``serving()`` is called once the socket accepts connections. A stale socket file (left
-    by a driver that was killed) is replaced. A failure to create the socket (e.g. another
-    file has its name) is raised: the volume's supervisor shows it, retries with backoff, and
-    keeps serving the files meanwhile. Once this has exited every stream has ended and the
-    socket file is gone.
-    """
-    plan = volume.plan
-    server = Server()
-    WorkloadApi(volume, agent, jwt_limit).register(server)
-    agent.want_jwt_bundles()
-    await _serve(
-        server,
-        plan.data_dir,
-        plan.spec.workload_api_socket,
-        plan.spec.gid,
-        plan.selinux_context,
-        serving,
-    )
-
-
-async def _serve(
-    server: Server,
-    folder: Path,
-    name: str,
-    gid: int | None,
-    selinux_context: str | None,
-    listening: Callable[[], None],
-) -> None:
-    folder.mkdir(mode=0o700, exist_ok=True)
-    # Bound through a descriptor of the folder: a unix socket path is limited to 107 bytes,
-    # and <state dir>/<volume id>/data/<name> may be longer.
-    fd = os.open(folder, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        bind_path = f"/proc/self/fd/{fd}/{name}"
-        async with trio.open_nursery() as nursery:
-            await nursery.start(functools.partial(server.serve, bind_path, mode=socket_mode(gid)))
-            if gid is not None:
-                os.chown(bind_path, -1, gid)
-            if selinux_context is not None:  # as the files: containers may connect
-                os.setxattr(
-                    bind_path, SELINUX_XATTR, selinux_context.encode(), follow_symlinks=False
-                )
-            listening()
-    finally:
-        os.close(fd)

@@ -1,0 +1,271 @@
+"""The gRPC engine's own promises: h2 left as shipped, purerpc in one module, limits, and a
+sans-IO core that never raises whatever bytes it is fed."""
+
+from __future__ import annotations
+
+import ast
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.h2_raw import PREFACE, deflate_bomb, grpc_message, raw_frame, request_headers
+from trio_spirecsi.grpc import ClientLimits, ServerLimits
+from trio_spirecsi.grpc._protocol import (
+    ConnectionFailed,
+    MessageReceived,
+    ProtocolCore,
+    RequestStarted,
+    ResponseEnded,
+    SettingsChanged,
+    StreamEnded,
+    StreamFailed,
+)
+from trio_spirecsi.grpc._purerpc import BadMessage, MessageReader, MessageTooLarge
+from trio_spirecsi.grpc.limits import WireLimits
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "trio_spirecsi"
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def test_importing_the_package_leaves_h2_as_shipped() -> None:
+    script = textwrap.dedent(
+        """
+        import h2.connection, h2.stream
+        transitions = dict(h2.stream._transitions)
+        methods = dict(vars(h2.connection.H2Connection))
+
+        def untouched():
+            same_table = h2.stream._transitions.keys() == transitions.keys() and all(
+                h2.stream._transitions[k] is v for k, v in transitions.items()
+            )
+            now = vars(h2.connection.H2Connection)
+            return same_table and now.keys() == methods.keys() and all(
+                now[k] is v for k, v in methods.items()
+            )
+
+        import trio_spirecsi.grpc
+        import purerpc  # already loaded through trio_spirecsi.grpc: no second patch
+        print("after import:", untouched())
+        from purerpc.grpclib._h2_monkeypatch import apply_patch
+        apply_patch()  # what purerpc's import does: the check above would see it
+        print("after patch:", untouched())
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["after import: True", "after patch: False"]
+
+
+def _imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def test_purerpc_is_imported_by_one_module_and_h2_only_by_the_core() -> None:
+    importers = {
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if any(name.split(".")[0] == "purerpc" for name in _imports(path))
+    }
+    assert importers == {"grpc/_purerpc.py"}
+    for name in ("client.py", "server.py", "_transport.py"):
+        modules = _imports(PACKAGE / "grpc" / name)
+        assert not [m for m in modules if m.split(".")[0] in ("h2", "hpack", "purerpc")], name
+
+
+def test_limit_presets_and_defaults() -> None:
+    untrusted = ServerLimits()
+    assert (untrusted.max_connections, untrusted.max_concurrent_streams) == (16, 16)
+    assert (untrusted.max_request_bytes, untrusted.max_header_list_bytes) == (64 * KiB, 16 * KiB)
+    assert (untrusted.max_frame_bytes, untrusted.stream_window) == (16_384, 64 * KiB)
+    assert (untrusted.connection_window, untrusted.max_send_queue_bytes) == (256 * KiB, MiB)
+    assert (untrusted.handshake_timeout, untrusted.idle_timeout) == (5.0, 300.0)
+    trusted = ServerLimits.trusted()
+    assert trusted.max_request_bytes == 4 * MiB
+    assert trusted.max_concurrent_streams == 65_536
+    assert trusted.connection_window >= 64 * MiB
+    assert ClientLimits.trusted().max_response_bytes == ClientLimits().max_response_bytes == 4 * MiB
+    # A window always holds one whole message.
+    wire = WireLimits.for_server(ServerLimits(max_request_bytes=MiB, stream_window=64 * KiB))
+    assert wire.stream_window == MiB + 5
+    assert wire.connection_window >= wire.stream_window
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_frame_bytes", 1000, "max_frame_bytes must be between 16384 and 16777215"),
+        ("max_connections", 0, "max_connections must be a positive integer"),
+        ("max_concurrent_streams", 2.5, "max_concurrent_streams must be a positive integer"),
+        ("handshake_timeout", -1.0, "handshake_timeout must be a positive number"),
+        ("stream_window", 2**31, "stream_window must be at most 2147483647"),
+    ],
+)
+def test_limits_out_of_range_name_the_field(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ServerLimits(**{field: value})  # type: ignore[arg-type]
+    assert ServerLimits(idle_timeout=None).idle_timeout is None
+
+
+def test_decompression_never_yields_more_than_the_limit() -> None:
+    limit = 64 * KiB
+    exact = zlib.compress(b"a" * limit)
+    reader = MessageReader("deflate", limit)
+    [(data, size)] = reader.feed(grpc_message(exact, compressed=True), len(exact) + 5)
+    assert (len(data), size) == (limit, len(exact) + 5)
+
+    def feed(encoding: str | None, body: bytes) -> object:
+        message = grpc_message(body, compressed=True)
+        return MessageReader(encoding, limit).feed(message, len(message))
+
+    for body in (zlib.compress(b"a" * (limit + 1)), deflate_bomb(512 * MiB)):
+        with pytest.raises(MessageTooLarge):
+            feed("deflate", body)
+    with pytest.raises(BadMessage, match="truncated"):
+        feed("gzip", deflate_bomb(1000, gzip=True)[:-6])
+    with pytest.raises(BadMessage, match="without a grpc-encoding"):
+        feed(None, exact)
+
+
+def _server_core() -> ProtocolCore:
+    core = ProtocolCore(client_side=False, limits=WireLimits.for_server(ServerLimits()))
+    core.initiate()
+    return core
+
+
+def _frames(data: bytes) -> list[tuple[int, int]]:
+    """(type, error code or 0) of each frame in ``data``."""
+    found = []
+    while len(data) >= 9:
+        length = int.from_bytes(data[:3], "big")
+        kind = data[3]
+        code = struct.unpack(">I", data[13:17])[0] if kind == 0x7 else 0
+        found.append((kind, code))
+        data = data[9 + length :]
+    return found
+
+
+def test_a_valid_request_goes_through_the_core() -> None:
+    from hpack import Encoder
+
+    core = _server_core()
+    block = Encoder().encode(request_headers("/a.B/C", ("x-pod", "p")))
+    data = PREFACE + raw_frame(0x4, 0, 0, b"") + raw_frame(0x1, 0x4, 1, block)
+    data += raw_frame(0x0, 0x1, 1, grpc_message(b"hello"))
+    events = core.receive(data, now=0.0)
+    kinds = [SettingsChanged, RequestStarted, MessageReceived, StreamEnded]
+    assert [type(e) for e in events] == kinds
+    started, message = events[1], events[2]
+    assert isinstance(message, MessageReceived) and message.data == b"hello"
+    assert isinstance(started, RequestStarted)
+    assert (started.path, started.metadata) == ("/a.B/C", (("x-pod", "p"),))
+
+
+FRAME = st.builds(
+    raw_frame,
+    st.one_of(st.integers(0, 10), st.integers(0, 255)),
+    st.integers(0, 255),
+    st.sampled_from([0, 1, 2, 3, 5, 0x7FFFFFFF]),
+    st.binary(max_size=40),
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    frames=st.lists(FRAME, max_size=12),
+    cuts=st.lists(st.integers(1, 64), max_size=8),
+    client_side=st.booleans(),
+)
+def test_the_core_never_raises_and_a_failure_always_sends_goaway(
+    frames: list[bytes], cuts: list[int], client_side: bool
+) -> None:
+    from hpack import Encoder
+
+    limits = WireLimits.for_client(ClientLimits()) if client_side else None
+    if client_side:
+        assert limits is not None
+        core = ProtocolCore(client_side=True, limits=limits)
+        core.initiate()
+        core.open_stream(request_headers("/a.B/C"))
+        data = raw_frame(0x4, 0, 0, b"")
+    else:
+        core = _server_core()
+        block = Encoder().encode(request_headers("/a.B/C"))
+        data = PREFACE + raw_frame(0x4, 0, 0, b"") + raw_frame(0x1, 0x4, 1, block)
+    data += b"".join(frames)
+    core.data_to_send()
+    events = []
+    start = 0
+    for cut in [*cuts, len(data)]:
+        events += core.receive(data[start : start + cut], now=float(start))
+        start += cut
+    events += core.receive(data[start:], now=1e6)
+    failures = [e for e in events if isinstance(e, ConnectionFailed)]
+    assert len(failures) <= 1
+    if failures:
+        assert events[-1] is failures[0]
+        assert core.receive(b"\0" * 9, now=2e6) == []
+        sent = _frames(core.data_to_send())
+        assert sent and sent[-1] == (0x7, failures[0].error_code)
+    for event in events:
+        if isinstance(event, StreamFailed):
+            assert event.kind in ("grpc_message_too_large", "grpc_bad_stream")
+
+
+def test_reset_and_window_update_after_a_finished_call_keep_the_connection() -> None:
+    """grpcio ends unary responses with END_STREAM and then RST_STREAM; WINDOW_UPDATE may
+    follow END_STREAM for a while. Neither is a connection error, forgotten stream or not."""
+    import h2.connection
+    from hpack import Encoder
+
+    core = ProtocolCore(client_side=True, limits=WireLimits.for_client(ClientLimits()))
+    core.initiate()
+    encoder = Encoder()
+    events = core.receive(raw_frame(0x4, 0, 0, b""), now=0.0)
+    for sid in (1, 3):
+        assert core.open_stream(request_headers("/a.B/C")) == sid
+        core.send_data(sid, grpc_message(b"request"), end_stream=True)
+        head = encoder.encode([(":status", "200"), ("content-type", "application/grpc")])
+        trailers = encoder.encode([("grpc-status", "0")])
+        response = raw_frame(0x1, 0x4, sid, head) + raw_frame(0x0, 0, sid, grpc_message(b"r"))
+        response += raw_frame(0x1, 0x5, sid, trailers)
+        events += core.receive(response, now=0.0)
+        if sid == 1:  # the first stream is dropped from h2's table, as it is under load
+            h2.connection.H2Connection._open_streams(core.h2, 1)
+            assert 1 not in core.h2.streams
+        late = raw_frame(0x3, 0, sid, struct.pack(">I", 0))
+        late += raw_frame(0x8, 0, sid, struct.pack(">I", 100))
+        events += core.receive(late, now=0.0)
+    assert not [e for e in events if isinstance(e, ConnectionFailed)]
+    assert [e.code for e in events if isinstance(e, ResponseEnded)] == [0, 0]
+
+
+def test_a_header_block_too_large_is_refused_at_its_first_frame_header() -> None:
+    """With frames allowed up to 16 MiB (trusted), a 1 MiB HEADERS frame is still refused
+    as soon as its 9-byte header arrives: its payload is never buffered."""
+    start = PREFACE + raw_frame(0x4, 0, 0, b"")
+    for flags in (0x0, 0x4):  # with or without END_HEADERS
+        limits = WireLimits.for_server(ServerLimits.trusted())
+        core = ProtocolCore(client_side=False, limits=limits)
+        core.initiate()
+        header = struct.pack(">I", MiB)[1:] + bytes([0x1, flags]) + struct.pack(">I", 1)
+        [failure] = [
+            e for e in core.receive(start + header, 0.0) if isinstance(e, ConnectionFailed)
+        ]
+        assert (failure.kind, failure.error_code) == ("grpc_limit_exceeded", 0xB)

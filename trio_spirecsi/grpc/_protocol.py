@@ -1,0 +1,884 @@
+"""Sans-IO gRPC over HTTP/2: received bytes in, the project's own events out, bytes to send.
+
+Received bytes meet three layers, in this order:
+
+1. :class:`FrameScanner` reads the 9-byte frame headers of the byte stream and enforces, before
+   h2 allocates anything: the client preface and a first SETTINGS frame, the frame size limit,
+   the size and CONTINUATION count of a header block, and the control-frame and new-stream
+   budgets. It hands h2 whole frames one at a time (h2's own buffer is quadratic in the
+   number of frames per call) and drops unknown frame types without buffering them.
+2. :class:`_H2Connection` is h2 3.2 with ``header_encoding=None`` (header bytes are decoded
+   by the project, strictly) and the fixes the project needs: WINDOW_UPDATE on a stream
+   already closed and forgotten is not a connection error; a stream beyond
+   MAX_CONCURRENT_STREAMS is refused with RST_STREAM REFUSED_STREAM instead of ending the
+   connection; GOAWAY keeps the connection open for the streams it lets finish; HPACK errors
+   are COMPRESSION_ERROR; counting open streams is not quadratic.
+3. :class:`ProtocolCore` decodes header bytes as printable ASCII (anything else fails that
+   stream), parses gRPC headers and reassembles messages (through ``_purerpc``), counts every
+   received byte per stream until the owner acknowledges the message it belongs to, and
+   emits the frozen events below.
+
+:meth:`ProtocolCore.receive` never raises: whatever the peer sends, or whatever goes wrong
+while handling it, ends at worst in a :class:`ConnectionFailed` event with GOAWAY queued.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.connection import ConnectionState
+from h2.errors import ErrorCodes as ErrorCodes
+from h2.settings import SettingCodes
+from h2.stream import StreamState
+
+from ..ratelimit import TokenBucket
+from ._purerpc import (
+    ENCODINGS,
+    RESPONSE_HEADERS,
+    BadMessage,
+    HeaderError,
+    Headers,
+    MessageReader,
+    MessageTooLarge,
+    Metadata,
+    parse_request,
+    parse_response,
+    parse_trailers,
+    status_headers,
+)
+from .limits import WireLimits
+from .status import StatusCode
+
+# The ``kind`` of every failure a peer can cause (``on_error`` hooks receive these).
+PROTOCOL_ERROR = "grpc_protocol_error"
+LIMIT_EXCEEDED = "grpc_limit_exceeded"
+FLOOD = "grpc_flood"
+SLOW_READER = "grpc_slow_reader"
+HANDSHAKE_TIMEOUT = "grpc_handshake_timeout"
+TOO_MANY_CONNECTIONS = "grpc_too_many_connections"
+INTERNAL_ERROR = "grpc_internal_error"
+STREAM_REFUSED = "grpc_stream_refused"
+MESSAGE_TOO_LARGE = "grpc_message_too_large"
+BAD_STREAM = "grpc_bad_stream"
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DEFAULT_WINDOW = 65_535
+
+_DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS = 0, 1, 2, 3, 4
+_PUSH_PROMISE, _PING, _GOAWAY, _WINDOW_UPDATE, _CONTINUATION = 5, 6, 7, 8, 9
+_FRAME_NAMES = (
+    "DATA",
+    "HEADERS",
+    "PRIORITY",
+    "RST_STREAM",
+    "SETTINGS",
+    "PUSH_PROMISE",
+    "PING",
+    "GOAWAY",
+    "WINDOW_UPDATE",
+    "CONTINUATION",
+)
+_END_STREAM = 0x1
+_ACK = 0x1
+_END_HEADERS = 0x4
+_NOT_PRINTABLE = re.compile(rb"[^\x20-\x7e]")
+_REASON_LENGTH = 200
+_CLIENT_STREAMS = 100
+
+
+# ---------------------------------------------------------------------------------------------
+# Events
+
+
+@dataclass(frozen=True, slots=True)
+class RequestStarted:
+    """Server: a client opened a stream with valid gRPC request headers."""
+
+    stream_id: int
+    path: str
+    timeout: float | None
+    """Seconds from grpc-timeout, None without one."""
+    metadata: Metadata
+    """Custom metadata in arrival order; ``-bin`` values are bytes."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRejected:
+    """Server: request headers that do not form a gRPC call; answer with ``code``."""
+
+    stream_id: int
+    path: str
+    """The :path if it was readable, else empty."""
+    code: StatusCode
+    reason: str
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseStarted:
+    """Client: the server's response headers (not trailers-only)."""
+
+    stream_id: int
+    metadata: Metadata
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    """One whole message; ``size`` flow-controlled bytes to acknowledge once consumed."""
+
+    stream_id: int
+    data: bytes
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    """The peer ended its side of the stream (end of request, or of response data)."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseEnded:
+    """Client: trailers (or a trailers-only response) carrying the call's status."""
+
+    stream_id: int
+    code: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """The peer sent RST_STREAM."""
+
+    stream_id: int
+    error_code: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRefused:
+    """Server: a stream beyond MAX_CONCURRENT_STREAMS, refused with RST_STREAM."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFailed:
+    """Something the peer sent on this stream cannot be accepted; the stream is unusable."""
+
+    stream_id: int
+    code: StatusCode
+    reason: str
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class GoAwayReceived:
+    """The peer sent GOAWAY: streams above ``last_stream_id`` were not processed."""
+
+    last_stream_id: int
+    error_code: int
+
+
+@dataclass(frozen=True, slots=True)
+class WindowUpdated:
+    """The peer opened a send window (``stream_id`` 0: the connection's)."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class SettingsChanged:
+    """The peer's SETTINGS arrived (first one: the handshake is complete on a client)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFailed:
+    """The connection is over: GOAWAY with ``error_code`` is queued, nothing more is read.
+
+    ``kind`` is None for an orderly close (idle, shutdown), else one of the kinds above.
+    ``error`` is our own exception when the cause was a bug here, for the log.
+    """
+
+    error_code: int
+    reason: str
+    kind: str | None
+    error: Exception | None = None
+
+
+Event: TypeAlias = (
+    RequestStarted
+    | RequestRejected
+    | ResponseStarted
+    | MessageReceived
+    | StreamEnded
+    | ResponseEnded
+    | StreamReset
+    | StreamRefused
+    | StreamFailed
+    | GoAwayReceived
+    | WindowUpdated
+    | SettingsChanged
+    | ConnectionFailed
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Frame pre-scanner
+
+
+class StreamGone(Exception):
+    """The stream was reset or closed, or the connection ended: nothing more can be sent."""
+
+
+class NoStreamAvailable(Exception):
+    """The peer's MAX_CONCURRENT_STREAMS is reached: wait for a stream to end."""
+
+
+class Violation(Exception):
+    """The peer broke HTTP/2 or one of our limits: a connection error."""
+
+    def __init__(self, error_code: int, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.error_code = error_code
+        self.kind = kind
+        self.reason = reason
+
+
+def _frame_name(frame_type: int) -> str:
+    if frame_type < len(_FRAME_NAMES):
+        return _FRAME_NAMES[frame_type]
+    return f"unknown (type {frame_type})"
+
+
+class FrameScanner:
+    """Splits received bytes into whole frames and enforces limits frame header by header.
+
+    Each frame header is checked (and budgets charged) exactly once, as soon as its 9 bytes
+    are in; a frame's payload is buffered only up to the frame size limit, and an unknown
+    frame's payload not at all.
+    """
+
+    def __init__(self, *, server: bool, limits: WireLimits) -> None:
+        self._limits = limits
+        self._server = server
+        self._preface = PREFACE if server else b""
+        self._buffer = bytearray()
+        self._current: int | None = None  # payload length of the checked frame being read
+        self._skip = 0  # payload bytes of an unknown frame still to drop
+        self._block: tuple[int, int, int] | None = None  # stream, frames, bytes of a block
+        self._settings_seen = False
+        self._highest_stream = 0
+        self._now = 0.0
+        self._control = TokenBucket(
+            limits.control_frames_per_second, limits.control_frame_burst, clock=self._clock
+        )
+        self._streams = TokenBucket(
+            limits.new_streams_per_second, limits.new_stream_burst, clock=self._clock
+        )
+
+    def _clock(self) -> float:
+        return self._now
+
+    @property
+    def handshake_done(self) -> bool:
+        """The client preface (on a server) and the peer's first SETTINGS frame arrived."""
+        return self._settings_seen
+
+    def feed(self, data: bytes, now: float) -> list[bytes]:
+        """Whole frames to hand to h2, in order (on a server the preface comes first).
+
+        Raises Violation at the first frame header that breaks a rule.
+        """
+        self._now = max(self._now, now)
+        frames: list[bytes] = []
+        if self._preface:
+            size = min(len(self._preface), len(data))
+            if data[:size] != self._preface[:size]:
+                raise Violation(ErrorCodes.PROTOCOL_ERROR, PROTOCOL_ERROR, "no HTTP/2 preface")
+            self._preface = self._preface[size:]
+            data = data[size:]
+            if not self._preface:
+                frames.append(PREFACE)
+        if self._skip:
+            size = min(self._skip, len(data))
+            self._skip -= size
+            data = data[size:]
+        buffer = self._buffer
+        buffer += data
+        pos = 0
+        end = len(buffer)
+        while True:
+            if self._current is None:
+                if end - pos < 9:
+                    break
+                length = int.from_bytes(buffer[pos : pos + 3], "big")
+                frame_type, flags = buffer[pos + 3], buffer[pos + 4]
+                stream_id = int.from_bytes(buffer[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+                self._check(length, frame_type, flags, stream_id)
+                if frame_type > _CONTINUATION:
+                    pos += 9
+                    size = min(length, end - pos)
+                    pos += size
+                    self._skip = length - size
+                    if self._skip:
+                        break
+                    continue
+                self._current = length
+            if end - pos < 9 + self._current:
+                break
+            frames.append(bytes(buffer[pos : pos + 9 + self._current]))
+            pos += 9 + self._current
+            self._current = None
+        del buffer[:pos]
+        return frames
+
+    def _spend(self, what: str) -> None:
+        if not self._control.take():
+            raise Violation(
+                ErrorCodes.ENHANCE_YOUR_CALM, FLOOD, f"too many control frames ({what})"
+            )
+
+    def _check(self, length: int, frame_type: int, flags: int, stream_id: int) -> None:
+        limits = self._limits
+        name = _frame_name(frame_type)
+        if length > limits.max_frame_bytes:
+            raise Violation(
+                ErrorCodes.FRAME_SIZE_ERROR,
+                PROTOCOL_ERROR,
+                f"{name} frame of {length} bytes, larger than {limits.max_frame_bytes}",
+            )
+        if not self._settings_seen:
+            if frame_type != _SETTINGS or flags & _ACK:
+                raise Violation(
+                    ErrorCodes.PROTOCOL_ERROR,
+                    PROTOCOL_ERROR,
+                    f"first frame is {name}, not SETTINGS",
+                )
+            self._settings_seen = True
+        if self._block is not None:
+            block_stream, count, size = self._block
+            if frame_type != _CONTINUATION or stream_id != block_stream:
+                raise Violation(
+                    ErrorCodes.PROTOCOL_ERROR, PROTOCOL_ERROR, f"{name} frame inside a header block"
+                )
+            self._block = (block_stream, count + 1, size + length)
+            self._check_block()
+            if flags & _END_HEADERS:
+                self._block = None
+            if length == 0:
+                self._spend("empty CONTINUATION")
+            return
+        if frame_type in (_HEADERS, _PUSH_PROMISE):
+            self._block = (stream_id, 0, length)
+            self._check_block()
+            if flags & _END_HEADERS:
+                self._block = None
+            if frame_type == _HEADERS and self._server and stream_id > self._highest_stream:
+                self._highest_stream = stream_id
+                if not self._streams.take():
+                    raise Violation(
+                        ErrorCodes.ENHANCE_YOUR_CALM, FLOOD, "new streams opened too fast"
+                    )
+            if length == 0 and not flags & _END_STREAM:
+                self._spend(f"empty {name}")
+        elif frame_type == _DATA:
+            if length == 0 and not flags & _END_STREAM:
+                self._spend("empty DATA")
+        elif frame_type == _CONTINUATION:
+            raise Violation(
+                ErrorCodes.PROTOCOL_ERROR, PROTOCOL_ERROR, "CONTINUATION outside a header block"
+            )
+        else:
+            self._spend(name)
+
+    def _check_block(self) -> None:
+        assert self._block is not None
+        _, count, size = self._block
+        limits = self._limits
+        if count > limits.max_continuation_frames:
+            raise Violation(
+                ErrorCodes.ENHANCE_YOUR_CALM,
+                LIMIT_EXCEEDED,
+                f"header block in more than {limits.max_continuation_frames} CONTINUATION frames",
+            )
+        if size > limits.max_header_list_bytes:
+            raise Violation(
+                ErrorCodes.ENHANCE_YOUR_CALM,
+                LIMIT_EXCEEDED,
+                f"header block larger than {limits.max_header_list_bytes} bytes",
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# h2
+
+
+class _Refused(h2.events.Event):  # type: ignore[misc]
+    """Stands in for the RequestReceived of a stream refused at the concurrency limit."""
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
+class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
+    """h2 with the project's fixes; see the module docstring."""
+
+    def __init__(self, client_side: bool, limits: WireLimits) -> None:
+        super().__init__(h2.config.H2Configuration(client_side=client_side, header_encoding=None))
+        # A client accepts no stream (push is disabled), but h2 checks this limit before it
+        # finds out that response HEADERS belong to a stream it already forgot: keep h2's.
+        streams = _CLIENT_STREAMS if client_side else limits.max_concurrent_streams
+        values = {
+            SettingCodes.MAX_CONCURRENT_STREAMS: streams,
+            SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
+            SettingCodes.MAX_FRAME_SIZE: limits.max_frame_bytes,
+            SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_bytes,
+        }
+        if client_side:
+            values[SettingCodes.ENABLE_PUSH] = 0
+        self.local_settings = h2.settings.Settings(client=client_side, initial_values=values)
+        self.max_inbound_frame_size = limits.max_frame_bytes
+        self.decoder.max_header_list_size = limits.max_header_list_bytes
+        self._stream_limit = limits.max_concurrent_streams
+        self._admit_all = False
+        self._next_scan = 64
+
+    @property
+    def outbound_pending(self) -> int:
+        """Bytes produced and not yet taken by :meth:`data_to_send`."""
+        return len(self._data_to_send)
+
+    def queue_raw(self, data: bytes) -> None:
+        """Append bytes built without h2 (a GOAWAY when h2's state no longer allows one)."""
+        self._data_to_send += data
+
+    def _open_streams(self, remainder: int) -> int:
+        # h2 scans every stream each time one is opened; with thousands of long-lived streams
+        # that is quadratic. Below every limit the size of the table is a safe upper bound.
+        # A full scan (which also drops closed streams) runs once the table has doubled.
+        size = len(self.streams)
+        limit = min(
+            self.local_settings.max_concurrent_streams, self.remote_settings.max_concurrent_streams
+        )
+        if size < self._next_scan and size + 1 < limit:
+            return size
+        count: int = super()._open_streams(remainder)
+        self._next_scan = 2 * len(self.streams) + 64
+        return count
+
+    @property
+    def open_inbound_streams(self) -> int:
+        if self._admit_all:
+            return 0
+        count: int = h2.connection.H2Connection.open_inbound_streams.fget(self)
+        return count
+
+    def _receive_frame(self, frame: Any) -> Any:
+        try:
+            return super()._receive_frame(frame)
+        except h2.exceptions.DenialOfServiceError:
+            raise
+        except h2.exceptions.ProtocolError as exc:
+            if isinstance(exc.__context__, h2.connection.HPACKError):
+                exc.error_code = ErrorCodes.COMPRESSION_ERROR
+            raise
+
+    def _receive_headers_frame(self, frame: Any) -> Any:
+        sid = frame.stream_id
+        refuse = (
+            not self.config.client_side
+            and sid not in self.streams
+            and self.open_inbound_streams >= self._stream_limit
+        )
+        if not refuse:
+            return super()._receive_headers_frame(frame)
+        # Decode it all the same (HPACK state is per connection), then refuse the stream.
+        self._admit_all = True
+        try:
+            frames, events = super()._receive_headers_frame(frame)
+        finally:
+            self._admit_all = False
+        self.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+        kept = [e for e in events if getattr(e, "stream_id", None) != sid]
+        return frames, [*kept, _Refused(sid)]
+
+    def _receive_window_update_frame(self, frame: Any) -> Any:
+        try:
+            return super()._receive_window_update_frame(frame)
+        except h2.exceptions.StreamClosedError:
+            # RFC 9113 5.1: WINDOW_UPDATE may arrive for a while after END_STREAM was sent.
+            if frame.stream_id and frame.stream_id not in self.streams:
+                return [], []
+            raise
+
+    def _receive_goaway_frame(self, frame: Any) -> Any:
+        # h2 closes the whole connection on GOAWAY, which would fail the streams the peer
+        # promised to finish; keep it open and let the owner stop opening new streams.
+        if self.state_machine.state not in (
+            ConnectionState.CLIENT_OPEN,
+            ConnectionState.SERVER_OPEN,
+        ):
+            return super()._receive_goaway_frame(frame)
+        event = h2.events.ConnectionTerminated()
+        event.error_code = frame.error_code
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
+def goaway_bytes(error_code: int, reason: str, last_stream_id: int = 0) -> bytes:
+    """A GOAWAY frame built by hand, for when no h2 connection can (or need) build it."""
+    debug = reason.encode("ascii", "replace")[:_REASON_LENGTH]
+    payload = struct.pack(">II", last_stream_id & 0x7FFFFFFF, error_code) + debug
+    return struct.pack(">I", len(payload))[1:] + bytes([_GOAWAY, 0]) + b"\0\0\0\0" + payload
+
+
+def refusal_bytes(reason: str) -> bytes:
+    """What a server sends a connection it will not serve: SETTINGS, then GOAWAY."""
+    settings = b"\0\0\0" + bytes([_SETTINGS, 0]) + b"\0\0\0\0"
+    return settings + goaway_bytes(ErrorCodes.ENHANCE_YOUR_CALM, reason)
+
+
+def safe_text(text: str) -> str:
+    """Printable ASCII, at most 200 characters: fit for a log line or GOAWAY debug data."""
+    cleaned = text.encode("ascii", "backslashreplace").decode("ascii")
+    cleaned = "".join(c if " " <= c <= "~" else "?" for c in cleaned)
+    return cleaned[:_REASON_LENGTH]
+
+
+def _decode_headers(headers: Iterable[tuple[bytes, bytes]]) -> Headers | None:
+    """Header bytes as str, or None unless every name and value is printable ASCII."""
+    decoded = []
+    for name, value in headers:
+        if _NOT_PRINTABLE.search(name) or _NOT_PRINTABLE.search(value):
+            return None
+        decoded.append((name.decode("ascii"), value.decode("ascii")))
+    return decoded
+
+
+def _raw_path(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    for name, value in headers:
+        if name == b":path":
+            if _NOT_PRINTABLE.search(value):
+                return ""
+            return value.decode("ascii")
+    return ""
+
+
+def _encode(headers: Headers) -> list[tuple[bytes, bytes]]:
+    return [(name.encode("ascii"), value.encode("ascii")) for name, value in headers]
+
+
+_RESPONSE = _encode(RESPONSE_HEADERS)
+
+
+# ---------------------------------------------------------------------------------------------
+# The core
+
+
+class ProtocolCore:
+    """One gRPC-over-HTTP/2 connection, without I/O: the client's or the server's side.
+
+    Every DATA byte received on a stream with a reader is counted until :meth:`ack` (its
+    message was consumed) or :meth:`forget` (the stream is finished with) hands it back to
+    the peer's window, so unconsumed data stays within the advertised windows.
+    """
+
+    def __init__(self, *, client_side: bool, limits: WireLimits) -> None:
+        self.client_side = client_side
+        self.limits = limits
+        self.h2 = _H2Connection(client_side, limits)
+        self._scanner = FrameScanner(server=not client_side, limits=limits)
+        self._readers: dict[int, MessageReader] = {}
+        self._unacked: dict[int, int] = {}
+        self.failure: ConnectionFailed | None = None
+
+    @property
+    def handshake_done(self) -> bool:
+        return self._scanner.handshake_done
+
+    @property
+    def outbound_pending(self) -> int:
+        return self.h2.outbound_pending
+
+    def initiate(self) -> None:
+        """Queue our preface: SETTINGS, then the connection window beyond the default."""
+        self.h2.initiate_connection()
+        extra = self.limits.connection_window - DEFAULT_WINDOW
+        if extra > 0:
+            self.h2.increment_flow_control_window(extra)
+
+    def data_to_send(self) -> bytes:
+        data: bytes = self.h2.data_to_send()
+        return data
+
+    # -- receiving
+
+    def receive(self, data: bytes, now: float) -> list[Event]:
+        """Events for these received bytes (``now``: a monotonic clock, for the budgets)."""
+        if self.failure is not None:
+            return []
+        events: list[Event] = []
+        try:
+            frames = self._scanner.feed(data, now)
+        except Violation as exc:
+            return [self.fail(exc.error_code, exc.kind, exc.reason)]
+        for frame in frames:
+            try:
+                h2_events = self.h2.receive_data(frame)
+            except h2.exceptions.ProtocolError as exc:  # h2 has queued GOAWAY
+                code = int(exc.error_code)
+                kind = LIMIT_EXCEEDED if code == ErrorCodes.ENHANCE_YOUR_CALM else PROTOCOL_ERROR
+                self.failure = ConnectionFailed(code, safe_text(f"HTTP/2: {exc}"), kind)
+                events.append(self.failure)
+                return events
+            except Exception as exc:  # anything else h2, hpack or hyperframe raise on input
+                name = type(exc).__name__
+                events.append(
+                    self.fail(ErrorCodes.PROTOCOL_ERROR, PROTOCOL_ERROR, f"bad HTTP/2 ({name})")
+                )
+                return events
+            try:
+                for event in h2_events:
+                    self._translate(event, events)
+            except Exception as exc:  # a bug of ours: this connection only
+                events.append(
+                    self.fail(ErrorCodes.INTERNAL_ERROR, INTERNAL_ERROR, "internal error", exc)
+                )
+                return events
+        return events
+
+    def _translate(self, event: Any, out: list[Event]) -> None:
+        kind = type(event)
+        if kind is h2.events.DataReceived:
+            self._on_data(event, out)
+        elif kind is h2.events.RequestReceived:
+            self._on_request(event, out)
+        elif kind is h2.events.ResponseReceived:
+            self._on_response(event, out)
+        elif kind is h2.events.TrailersReceived:
+            if self.client_side:
+                self._on_trailers(event, out)
+        elif kind is h2.events.StreamEnded:
+            self._on_end(event.stream_id, out)
+        elif kind is h2.events.StreamReset:
+            self.forget(event.stream_id)
+            out.append(StreamReset(event.stream_id, int(event.error_code)))
+        elif kind is h2.events.WindowUpdated:
+            out.append(WindowUpdated(event.stream_id))
+        elif kind is h2.events.RemoteSettingsChanged:
+            out.append(SettingsChanged())
+        elif kind is h2.events.ConnectionTerminated:
+            out.append(GoAwayReceived(event.last_stream_id or 0, int(event.error_code or 0)))
+        elif kind is _Refused:
+            out.append(StreamRefused(event.stream_id))
+
+    def _on_request(self, event: Any, out: list[Event]) -> None:
+        sid = event.stream_id
+        headers = _decode_headers(event.headers)
+        if headers is None:
+            reason = "request headers are not printable ASCII"
+            out.append(
+                RequestRejected(
+                    sid, _raw_path(event.headers), StatusCode.INTERNAL, reason, BAD_STREAM
+                )
+            )
+            return
+        try:
+            head = parse_request(headers)
+        except HeaderError as exc:
+            path = next((v for k, v in headers if k == ":path"), "")
+            out.append(RequestRejected(sid, path, StatusCode.INTERNAL, str(exc), BAD_STREAM))
+            return
+        if head.encoding is not None and head.encoding not in ENCODINGS:
+            reason = f"grpc-encoding {safe_text(head.encoding)[:40]!r} is not supported"
+            out.append(
+                RequestRejected(sid, head.path, StatusCode.UNIMPLEMENTED, reason, BAD_STREAM)
+            )
+            return
+        self._readers[sid] = MessageReader(head.encoding, self.limits.max_message_bytes)
+        out.append(RequestStarted(sid, head.path, head.timeout, head.metadata))
+
+    def _on_response(self, event: Any, out: list[Event]) -> None:
+        sid = event.stream_id
+        headers = _decode_headers(event.headers)
+        if headers is None:
+            reason = "response headers are not printable ASCII"
+            out.append(StreamFailed(sid, StatusCode.INTERNAL, reason, BAD_STREAM))
+            return
+        try:
+            head, trailers = parse_response(headers)
+        except HeaderError as exc:
+            out.append(StreamFailed(sid, StatusCode.INTERNAL, str(exc), BAD_STREAM))
+            return
+        if trailers is not None:
+            out.append(ResponseEnded(sid, trailers.code, trailers.message))
+            return
+        if head.encoding is not None and head.encoding not in ENCODINGS:
+            reason = f"response uses grpc-encoding {safe_text(head.encoding)[:40]!r}"
+            out.append(StreamFailed(sid, StatusCode.INTERNAL, reason, BAD_STREAM))
+            return
+        self._readers[sid] = MessageReader(head.encoding, self.limits.max_message_bytes)
+        out.append(ResponseStarted(sid, head.metadata))
+
+    def _on_trailers(self, event: Any, out: list[Event]) -> None:
+        sid = event.stream_id
+        headers = _decode_headers(event.headers)
+        if headers is None:
+            reason = "trailers are not printable ASCII"
+            out.append(StreamFailed(sid, StatusCode.INTERNAL, reason, BAD_STREAM))
+            return
+        try:
+            trailers = parse_trailers(headers)
+        except HeaderError as exc:
+            out.append(StreamFailed(sid, StatusCode.INTERNAL, str(exc), BAD_STREAM))
+            return
+        out.append(ResponseEnded(sid, trailers.code, trailers.message))
+
+    def _on_data(self, event: Any, out: list[Event]) -> None:
+        sid, size = event.stream_id, event.flow_controlled_length
+        reader = self._readers.get(sid)
+        if reader is None:
+            if size:
+                self.h2.acknowledge_received_data(size, sid)
+            return
+        self._unacked[sid] = self._unacked.get(sid, 0) + size
+        try:
+            messages = reader.feed(event.data, size)
+        except MessageTooLarge as exc:
+            self.forget(sid)
+            out.append(
+                StreamFailed(sid, StatusCode.RESOURCE_EXHAUSTED, str(exc), MESSAGE_TOO_LARGE)
+            )
+            return
+        except BadMessage as exc:
+            self.forget(sid)
+            out.append(StreamFailed(sid, StatusCode.INTERNAL, str(exc), BAD_STREAM))
+            return
+        for data, length in messages:
+            out.append(MessageReceived(sid, data, length))
+
+    def _on_end(self, sid: int, out: list[Event]) -> None:
+        reader = self._readers.pop(sid, None)
+        if reader is not None and reader.partial:
+            reason = "stream ended in the middle of a message"
+            out.append(StreamFailed(sid, StatusCode.INTERNAL, reason, BAD_STREAM))
+            return
+        out.append(StreamEnded(sid))
+
+    # -- flow control and stream state
+
+    def ack(self, stream_id: int, size: int) -> None:
+        """Hand ``size`` consumed bytes of ``stream_id`` back to the peer's send window."""
+        pending = self._unacked.get(stream_id)
+        if pending is None or size <= 0:
+            return
+        self._unacked[stream_id] = pending - size
+        self.h2.acknowledge_received_data(size, stream_id)
+
+    def forget(self, stream_id: int) -> None:
+        """Drop the stream's reader and release every byte it still holds to the peer."""
+        self._readers.pop(stream_id, None)
+        pending = self._unacked.pop(stream_id, 0)
+        if pending > 0:
+            self.h2.acknowledge_received_data(pending, stream_id)
+
+    def reset(self, stream_id: int, error_code: int = ErrorCodes.CANCEL) -> None:
+        """Send RST_STREAM unless the stream is already closed."""
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2.reset_stream(stream_id, error_code)
+
+    def peer_still_sending(self, stream_id: int) -> bool:
+        """The peer has not ended its side of this stream (nor reset it)."""
+        stream = self.h2.streams.get(stream_id)
+        if stream is None:
+            return False
+        return stream.state_machine.state in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
+
+    def send_window(self, stream_id: int) -> int:
+        """Bytes of DATA that may be sent on the stream now; raises StreamGone."""
+        try:
+            window: int = self.h2.local_flow_control_window(stream_id)
+        except h2.exceptions.ProtocolError:
+            raise StreamGone from None
+        return min(window, int(self.h2.max_outbound_frame_size))
+
+    def send_data(self, stream_id: int, data: bytes, *, end_stream: bool = False) -> None:
+        """Queue DATA within :meth:`send_window`; raises StreamGone."""
+        try:
+            self.h2.send_data(stream_id, data, end_stream=end_stream)
+        except h2.exceptions.ProtocolError:
+            raise StreamGone from None
+
+    # -- client
+
+    @property
+    def peer_max_streams(self) -> int:
+        """The peer's MAX_CONCURRENT_STREAMS."""
+        value: int = self.h2.remote_settings.max_concurrent_streams
+        return value
+
+    def open_stream(self, headers: Headers) -> int:
+        """Send request headers on a new stream and return its id.
+
+        Raises NoStreamAvailable at the server's stream limit, StreamGone once the
+        connection can no longer open streams.
+        """
+        try:
+            sid: int = self.h2.get_next_available_stream_id()
+            self.h2.send_headers(sid, _encode(headers))
+        except h2.exceptions.TooManyStreamsError:
+            raise NoStreamAvailable from None
+        except h2.exceptions.ProtocolError:
+            raise StreamGone from None
+        return sid
+
+    # -- server
+
+    def respond(self, stream_id: int) -> None:
+        """Send response headers; raises StreamGone."""
+        try:
+            self.h2.send_headers(stream_id, _RESPONSE)
+        except h2.exceptions.ProtocolError:
+            raise StreamGone from None
+
+    def respond_status(
+        self, stream_id: int, code: int, message: str, *, trailers_only: bool
+    ) -> None:
+        """End the response with a status (trailers, or headers and trailers in one).
+
+        Does nothing if the stream is gone already.
+        """
+        headers = status_headers(code, message, trailers_only=trailers_only)
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2.send_headers(stream_id, _encode(headers), end_stream=True)
+
+    # -- the connection
+
+    def fail(
+        self, error_code: int, kind: str | None, reason: str, error: Exception | None = None
+    ) -> ConnectionFailed:
+        """End the connection: queue GOAWAY with ``error_code``; nothing more is received."""
+        if self.failure is not None:
+            return self.failure
+        reason = safe_text(reason)
+        self.failure = ConnectionFailed(int(error_code), reason, kind, error)
+        self._readers.clear()
+        self._unacked.clear()
+        try:
+            self.h2.close_connection(error_code, additional_data=reason.encode("ascii"))
+        except Exception:  # h2's state no longer allows GOAWAY: build it ourselves
+            self.h2.queue_raw(goaway_bytes(error_code, reason, self.h2.highest_inbound_stream_id))
+        return self.failure

@@ -1,0 +1,310 @@
+"""The Trio side of one gRPC connection, shared by the client and the server.
+
+:class:`Transport` runs a :class:`~._protocol.ProtocolCore` on a socket: a reader that feeds
+it and hands its events to the owner, a writer that sends what it produces, a watchdog for
+the handshake and idle timeouts, and flow-controlled message sending that also waits while
+too much output is queued for a peer that does not read. However the connection ends,
+:meth:`Transport.run` returns (it raises nothing but Cancelled), GOAWAY has been sent if the
+peer still listens, the socket is closed, one log line says why, and the owner's ``on_error``
+hook has been told the kind of failure, if any.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import trio
+
+from ._protocol import (
+    HANDSHAKE_TIMEOUT,
+    INTERNAL_ERROR,
+    SLOW_READER,
+    ConnectionFailed,
+    ErrorCodes,
+    Event,
+    ProtocolCore,
+    StreamGone,
+)
+
+logger = logging.getLogger(__name__)
+
+IO_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+_READ_SIZE = 65536
+_CLOSE_GRACE = 1.0
+
+ErrorHook = Callable[[str], None]
+
+
+class Transport:
+    """One HTTP/2 connection on a socket stream; see the module docstring.
+
+    Any task may change the core's state and then call :meth:`flush`; :meth:`close` ends the
+    connection from any task.
+    """
+
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        core: ProtocolCore,
+        *,
+        handshake_timeout: float,
+        idle_timeout: float | None,
+        max_send_queue_bytes: int,
+        log_fields: Mapping[str, Any],
+        on_error: ErrorHook | None,
+    ) -> None:
+        self.core = core
+        self._stream = stream
+        self._handshake_timeout = handshake_timeout
+        self._idle_timeout = idle_timeout
+        self._max_queue = max_send_queue_bytes
+        self._high_water = max(max_send_queue_bytes // 2, 1)
+        self._log_fields = dict(log_fields)
+        self._on_error = on_error
+        self._scope = trio.CancelScope()
+        self._dirty = trio.Event()
+        self._changed = trio.Event()
+        self._idle_changed = trio.Event()
+        self._handshake = trio.Event()
+        self._busy = False
+        self._outbox = bytearray()  # taken from the core, not yet sent
+
+    @property
+    def queued(self) -> int:
+        """Bytes produced for the peer that it has not taken yet (as far as we can tell)."""
+        return len(self._outbox) + self.core.outbound_pending
+
+    @property
+    def ended(self) -> bool:
+        return self.core.failure is not None
+
+    def flush(self) -> None:
+        self._dirty.set()
+
+    def notify(self) -> None:
+        """Wake every task in :meth:`wait_changed` (window, stream or connection news)."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    def set_busy(self, busy: bool) -> None:
+        """Whether any stream is open: the idle timeout runs only while none is."""
+        if busy != self._busy:
+            self._busy = busy
+            self._idle_changed.set()
+            self._idle_changed = trio.Event()
+
+    def report(self, kind: str) -> None:
+        """Tell the owner's ``on_error`` hook about a failure (never raises)."""
+        if self._on_error is not None:
+            try:
+                self._on_error(kind)
+            except Exception:
+                logger.exception("gRPC on_error hook failed")
+
+    def close(
+        self, error_code: int, kind: str | None, reason: str, error: Exception | None = None
+    ) -> None:
+        """End the connection: GOAWAY with ``error_code`` is sent, then the socket closed."""
+        self.core.fail(error_code, kind, reason, error)
+        self.flush()
+        self.notify()
+        self._scope.cancel()
+
+    async def run(
+        self,
+        on_events: Callable[[Sequence[Event]], None],
+        on_close: Callable[[ConnectionFailed], None],
+    ) -> ConnectionFailed:
+        """Serve the connection until it ends, and return why.
+
+        ``on_events`` (synchronous) gets every batch of events; ``on_close`` runs once, before
+        the socket is closed, however the run ends. Exceptions from either end this
+        connection with INTERNAL_ERROR and are logged; only Cancelled propagates.
+        """
+        try:
+            with self._scope:
+                if self.core.failure is None:
+                    self.core.initiate()
+                    self.flush()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write_loop)
+                    nursery.start_soon(self._watchdog)
+                    await self._read_loop(on_events)
+                    nursery.cancel_scope.cancel()
+        except Exception as exc:  # a bug of ours: the tasks handle every expected error
+            self.core.fail(ErrorCodes.INTERNAL_ERROR, INTERNAL_ERROR, "internal error", exc)
+        finally:
+            end = self.core.fail(ErrorCodes.NO_ERROR, None, "connection closed")
+            try:
+                on_close(end)
+            except Exception:
+                logger.exception("gRPC connection close handling failed")
+            self.notify()
+            with trio.CancelScope(shield=True):
+                await self._close()
+            self._log(end)
+            if end.kind is not None:
+                self.report(end.kind)
+        return end
+
+    async def _read_loop(self, on_events: Callable[[Sequence[Event]], None]) -> None:
+        core = self.core
+        while core.failure is None:
+            try:
+                data = await self._stream.receive_some(_READ_SIZE)
+            except IO_ERRORS as exc:
+                core.fail(ErrorCodes.NO_ERROR, None, _describe(exc))
+                return
+            if not data:
+                core.fail(ErrorCodes.NO_ERROR, None, "connection closed by peer")
+                return
+            events = core.receive(data, trio.current_time())
+            if core.handshake_done and not self._handshake.is_set():
+                self._handshake.set()
+            try:
+                on_events(events)
+            except Exception as exc:
+                core.fail(ErrorCodes.INTERNAL_ERROR, INTERNAL_ERROR, "internal error", exc)
+            if self.queued > self._max_queue:
+                core.fail(
+                    ErrorCodes.ENHANCE_YOUR_CALM,
+                    SLOW_READER,
+                    f"peer does not read: more than {self._max_queue} bytes queued",
+                )
+            self.flush()
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                await self._dirty.wait()
+                self._dirty = trio.Event()
+                await self._drain()
+        except IO_ERRORS as exc:
+            self.core.fail(ErrorCodes.NO_ERROR, None, _describe(exc))
+            self._scope.cancel()
+
+    async def _drain(self) -> None:
+        """Send until the core has nothing more; cancellation loses no byte (no partial send)."""
+        sock = self._stream.socket
+        while True:
+            if not self._outbox:
+                self._outbox += self.core.data_to_send()
+                if not self._outbox:
+                    return
+            sent = await sock.send(self._outbox)
+            del self._outbox[:sent]
+            self.notify()
+
+    async def _watchdog(self) -> None:
+        with trio.move_on_after(self._handshake_timeout):
+            await self._handshake.wait()
+        if not self._handshake.is_set():
+            reason = f"no HTTP/2 preface and SETTINGS within {self._handshake_timeout:g} s"
+            self.close(ErrorCodes.SETTINGS_TIMEOUT, HANDSHAKE_TIMEOUT, reason)
+            return
+        if self._idle_timeout is None:
+            return
+        while True:
+            changed = self._idle_changed
+            if self._busy:
+                await changed.wait()
+                continue
+            with trio.move_on_after(self._idle_timeout) as idle:
+                await changed.wait()
+            if idle.cancelled_caught and not self._busy:
+                self.close(ErrorCodes.NO_ERROR, None, f"idle for {self._idle_timeout:g} s")
+                return
+
+    async def _close(self) -> None:
+        """Best effort: send what is pending (GOAWAY last), then close the socket."""
+        with trio.move_on_after(_CLOSE_GRACE), contextlib.suppress(*IO_ERRORS):
+            await self._drain()
+        with contextlib.suppress(*IO_ERRORS):
+            await self._stream.aclose()
+
+    def _log(self, end: ConnectionFailed) -> None:
+        fields = dict(self._log_fields, reason=end.reason)
+        level = logging.DEBUG
+        if end.kind is not None:
+            level = logging.ERROR if end.kind == INTERNAL_ERROR else logging.WARNING
+            fields.update(kind=end.kind, http2_error=_error_name(end.error_code))
+        if logger.isEnabledFor(level):
+            exc_info = None
+            if end.error is not None:
+                exc_info = (type(end.error), end.error, end.error.__traceback__)
+            logger.log(level, "grpc_connection_closed", extra={"fields": fields}, exc_info=exc_info)
+
+    async def send_message(self, stream_id: int, data: bytes, *, end_stream: bool = False) -> None:
+        """Send one gRPC message as the peer's windows and our send queue allow.
+
+        Raises StreamGone if the stream is reset or the connection ends first.
+        """
+        await trio.lowlevel.checkpoint()
+        payload = memoryview(struct.pack(">?I", False, len(data)) + data)
+        offset = 0
+        while True:
+            if self.core.failure is not None:
+                raise StreamGone
+            room = self._high_water - self.queued
+            if room > 0:
+                size = min(self.core.send_window(stream_id), room, len(payload) - offset)
+                if size > 0:
+                    chunk = bytes(payload[offset : offset + size])
+                    offset += size
+                    last = offset == len(payload)
+                    self.core.send_data(stream_id, chunk, end_stream=end_stream and last)
+                    self.flush()
+                    if last:
+                        return
+                    continue
+            await self.wait_changed()
+
+
+def _error_name(code: int) -> str:
+    try:
+        return str(ErrorCodes(code).name)
+    except ValueError:
+        return str(code)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def encode_timeout(seconds: float) -> str:
+    """grpc-timeout value: at most 8 digits, rounded up so the peer never sees less."""
+    for unit, scale in (("u", 1e6), ("m", 1e3), ("S", 1.0), ("M", 1 / 60), ("H", 1 / 3600)):
+        value = math.ceil(seconds * scale)
+        if value < 10**8:
+            return f"{max(value, 1)}{unit}"
+    return "99999999H"
+
+
+def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception a nursery body raised, so that callers never see ExceptionGroup.
+
+    Background tasks here never raise (except Cancelled), so a group holds the body's exception
+    plus, at most, Cancelled from those tasks.
+    """
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    others = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    if len(others) == 1:
+        return others[0]
+    return group if others else leaves[0]
