@@ -299,6 +299,29 @@ async def test_a_volume_resumed_after_its_entry_was_removed_reports_lost_entitle
         assert abnormal and "no longer issues an SVID" in message, message
 
 
+async def test_condition_stays_abnormal_when_the_agent_also_refuses_the_driver(
+    fast_clock: MockClock,
+) -> None:
+    """The identity the volume asked for (spiffe-id) is no longer issued: abnormal at once.
+    The agent then refusing the driver is more urgent to tell, but must not turn the
+    volume normal again."""
+    now = fake_clock()
+    account = Entry("spiffe://example.org/web", frozenset({("k8s", "sa:web")}))
+    own = Entry("spiffe://example.org/web-0", frozenset({("k8s", "pod-name:web-0")}))
+    agent = FakeAgent(now=now, entries=[account, own])
+    attributes = {"csi.spire.io/spiffe-id": own.spiffe_id}
+    async with fast_node(agent) as node:
+        _, target = await published(node, node.pod("web-0"), attributes)
+        agent.revoke(own.spiffe_id)
+        await trio.sleep(1)
+        abnormal, message = condition(await node.stats("csi-1", target))
+        assert abnormal and own.spiffe_id in message, message
+        agent.refuse()
+        await trio.sleep(1)
+        abnormal, message = condition(await node.stats("csi-1", target))
+        assert abnormal and own.spiffe_id in message, message
+
+
 # Republish and unpublish -------------------------------------------------------------------
 
 

@@ -47,3 +47,17 @@ def test_a_resumed_volume_whose_entry_was_removed_stays_abnormal() -> None:
             Restart(),
         ]
     )
+
+
+def test_a_volume_without_its_chosen_identity_stays_abnormal_when_the_agent_refuses() -> None:
+    """The identity a volume asked for (spiffe-id) stops being issued: abnormal. The agent
+    then refuses the driver, a more important problem that is not the node's: the condition
+    turned normal, as it only looked at the most important problem. It now looks at the
+    most important local one too."""
+    replay(
+        [
+            Publish(namespace="default", account="db", name="b", family="spiffe-id"),
+            Revoke(identity=4),
+            AgentOp(action="refuse"),
+        ]
+    )

@@ -196,6 +196,10 @@ class VolumeState:
     serving: bool | None = None
     """The per-pod socket accepts connections (True) or not yet (False); None when the
     volume has none."""
+    local: Problem | None = None
+    """The most important problem of this node (``ProblemKind.local``), if any: it can rank
+    below ``problem`` (an agent refusing the driver is told first) and still makes the
+    volume abnormal."""
 
     @property
     def entitled(self) -> bool:
@@ -220,8 +224,8 @@ class VolumeState:
             return True, problem.message if problem else "waiting for the first SVID"
         if now >= written.expires_at:
             return True, f"the SVID for {written.spiffe_id} expired at {_utc(written.expires_at)}"
-        if problem is not None and problem.kind.local:
-            return True, problem.message
+        if self.local is not None:
+            return True, self.local.message
         # Agents renew at about half-life: past 75% with a failing agent, or past 90% at
         # all, the SVID is no longer being renewed.
         lifetime = written.expires_at - written.not_before
@@ -540,12 +544,13 @@ class Volume:
         if state.phase is Phase.STOPPED:
             return
         worst = min(self._problems.values(), key=_rank, default=None)
+        local = min((p for p in self._problems.values() if p.kind.local), key=_rank, default=None)
         written = written or state.written
         if written is None:
             phase = Phase.STARTING
         else:
             phase = Phase.CURRENT if worst is None else Phase.DEGRADED
-        self.state.value = VolumeState(phase, worst, written, self._serving)
+        self.state.value = VolumeState(phase, worst, written, self._serving, local)
         if problem is not None and problem != before:
             log.event(
                 logger,
