@@ -44,9 +44,17 @@ bench *ARGS: setup
 hostile *ARGS: setup
     unshare -m --propagation private {{venv}}/python -m benchmarks.hostile {{ARGS}}
 
-# The state machine under the long hypothesis profile (minutes to hours)
+# The fast layer alone: registry, volumes and the fast state machine in virtual time (no root)
+fast *ARGS: setup
+    {{venv}}/pytest -q -p no:cacheprovider tests/test_registry_fast.py tests/test_state_machine_fast.py tests/regressions/test_fast_state_machine_regressions.py {{ARGS}}
+
+# Both state machines under the long hypothesis profile (minutes to hours)
 soak *ARGS: setup
-    HYPOTHESIS_PROFILE=long unshare -m --propagation private {{venv}}/pytest -q -p no:cacheprovider tests/test_state_machine.py {{ARGS}}
+    HYPOTHESIS_PROFILE=long unshare -m --propagation private {{venv}}/pytest -q -p no:cacheprovider tests/test_state_machine_fast.py tests/test_state_machine.py {{ARGS}}
+
+# Deliberately broken copies of the code against the fast tests that must catch them
+mutants *ARGS: setup
+    {{venv}}/python scripts/mutants.py {{ARGS}}
 
 # Run every atheris fuzz target for SECONDS each
 fuzz SECONDS="60": setup

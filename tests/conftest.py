@@ -120,7 +120,7 @@ def _detach_mounts_under(path: Path) -> None:
 # `ci` (the default) keeps the whole suite within its budget; `long` (HYPOTHESIS_PROFILE=long,
 # `just soak`) runs the state machine for much longer. Examples drive real sockets, mounts and
 # processes, so they have no deadline and may be slow to generate.
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 settings.register_profile(
     "ci",
@@ -135,4 +135,11 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
     max_examples=2000,
 )
+settings.register_profile(
+    "mutants",
+    parent=settings.get_profile("ci"),
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    database=None,
+)
+"""For scripts/mutants.py: a broken copy of the code only has to fail, not shrink."""
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -256,6 +256,28 @@ def test_svid_lifetime_never_outlives_the_ca() -> None:
     assert svid.expires_at - svid.issued_at <= 120
 
 
+def test_certificates_and_tokens_are_dated_by_the_cas_clock(tmp_path: Path) -> None:
+    """A fake wall clock dates everything the CA issues (whole seconds, as certificates
+    hold them), so fast tests can let SVIDs expire without waiting."""
+    clock = [2_000_000_000.7]
+    ca = CertificateAuthority("example.org", now=lambda: clock[0])
+    assert ca.root_certificate.not_valid_before_utc.timestamp() == 2_000_000_000 - BACKDATE
+    clock[0] += 500
+    svid = ca.issue_x509_svid(WEB, ttl=600)
+    leaf = _certs(svid)[0]
+    assert (svid.issued_at, svid.expires_at) == (2_000_000_500, 2_000_001_100)
+    assert leaf.not_valid_before_utc.timestamp() == 2_000_000_500 - BACKDATE
+    assert leaf.not_valid_after_utc.timestamp() == 2_000_001_100
+    token, issued_at, expires_at = ca.sign_jwt(WEB, ["api"], 60)
+    claims = json.loads(_b64decode(token.split(".")[1]))
+    assert (
+        (claims["iat"], claims["exp"]) == (issued_at, expires_at) == (2_000_000_500, 2_000_000_560)
+    )
+    ca.save(tmp_path / "ca")
+    loaded = CertificateAuthority.load(tmp_path / "ca", now=lambda: 2_000_100_000.0)
+    assert loaded.issue_x509_svid(WEB, ttl=60).issued_at == 2_000_100_000
+
+
 @pytest.mark.parametrize(
     ("spiffe_id", "fragment"),
     [

@@ -63,3 +63,18 @@ def test_identical_publish_of_a_resumed_volume_succeeds_while_the_agent_is_down(
         lambda s: s.start_driver(own_process=own_process),
         lambda s: s.publish_again(pick=0),
     )
+
+
+@pytest.mark.parametrize("restart", ["in-process", "own-process"])
+def test_a_resumed_volume_whose_entry_was_removed_is_abnormal(restart: str) -> None:
+    """Once a resumed volume started with the SVID its files hold, a new driver that heard
+    "no entry" from the agent before any SVID called it a plain NO_ENTRY (normal until the
+    SVID nears expiry), not the lost entitlement the previous driver had reported. Files that
+    hold an SVID now mean the pod had an identity, whichever driver wrote them."""
+    replay(
+        lambda s: s.publish_new(
+            account="db", attrs="defaults", name="a", namespace="shop", odd_id=False
+        ),
+        lambda s: s.revoke(account="db", namespace="shop"),
+        lambda s: s.stop_driver(restart=restart),
+    )

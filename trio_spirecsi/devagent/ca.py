@@ -5,13 +5,17 @@ root (and optional intermediate) carry the trust domain's SPIFFE ID as URI SAN,
 CA=true and keyCertSign+cRLSign; leaves carry exactly one URI SAN, CA=false,
 digitalSignature and no signing usages, so py-spiffe, Go's go-spiffe, Envoy and
 OpenSSL accept them. The same object holds the trust domain's JWT signing key.
+
+Every validity period is read from one clock, ``now`` (unix seconds, ``time.time`` unless
+given), so tests can issue SVIDs whose lifetimes follow a fake wall clock.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -64,8 +68,13 @@ class _Signer:
     cert: x509.Certificate
 
 
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+Clock = Callable[[], float]
+"""Unix seconds now: ``time.time``, or a fake clock in tests."""
+
+
+def _utc(clock: Clock) -> datetime.datetime:
+    """The clock's current time, whole seconds (as certificates hold it)."""
+    return datetime.datetime.fromtimestamp(int(clock()), datetime.UTC)
 
 
 def _ski(key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey) -> x509.SubjectKeyIdentifier:
@@ -83,6 +92,7 @@ def _ca_certificate(
     key: _SigningKey,
     issuer: _Signer | None,
     not_after: datetime.datetime,
+    now: datetime.datetime,
 ) -> x509.Certificate:
     serial = x509.random_serial_number()
     subject = x509.Name(
@@ -93,7 +103,6 @@ def _ca_certificate(
             x509.NameAttribute(NameOID.SERIAL_NUMBER, str(serial)),
         ]
     )
-    now = _now()
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -148,22 +157,33 @@ class CertificateAuthority:
 
     Construct to generate fresh keys; :meth:`load` a saved one. Leaves are signed
     by the intermediate when there is one (their chain is then [leaf,
-    intermediate]); the bundle holds the root only.
+    intermediate]); the bundle holds the root only. ``now`` is the clock every
+    certificate and token is dated by.
     """
 
     def __init__(
-        self, trust_domain: str, *, intermediate: bool = False, ttl: int = DEFAULT_CA_TTL
+        self,
+        trust_domain: str,
+        *,
+        intermediate: bool = False,
+        ttl: int = DEFAULT_CA_TTL,
+        now: Clock = time.time,
     ) -> None:
         self.trust_domain = normalise_trust_domain(trust_domain)
-        not_after = _now() + datetime.timedelta(seconds=ttl)
+        self._clock = now
+        issued = _utc(now)
+        not_after = issued + datetime.timedelta(seconds=ttl)
         root_key = ec.generate_private_key(ec.SECP256R1())
         self._root = _Signer(
-            root_key, _ca_certificate(self.trust_domain, "root", root_key, None, not_after)
+            root_key,
+            _ca_certificate(self.trust_domain, "root", root_key, None, not_after, issued),
         )
         self._intermediate: _Signer | None = None
         if intermediate:
             key = ec.generate_private_key(ec.SECP256R1())
-            cert = _ca_certificate(self.trust_domain, "intermediate", key, self._root, not_after)
+            cert = _ca_certificate(
+                self.trust_domain, "intermediate", key, self._root, not_after, issued
+            )
             self._intermediate = _Signer(key, cert)
         self._jwt = JwtSigner()
 
@@ -225,7 +245,7 @@ class CertificateAuthority:
             raise ValueError(f"SVID ttl must be positive, got {ttl}")
         key = _new_leaf_key(key_type)
         signer = self._signer
-        now = _now()
+        now = _utc(self._clock)
         not_after = min(now + datetime.timedelta(seconds=ttl), signer.cert.not_valid_after_utc)
         serial = x509.random_serial_number()
         cert = (
@@ -293,7 +313,7 @@ class CertificateAuthority:
         trust_domain, _ = workload_id_parts(spiffe_id)
         if trust_domain != self.trust_domain:
             raise ValueError(f"{spiffe_id} is not in trust domain {self.trust_domain}")
-        return self._jwt.sign(spiffe_id, audiences, ttl)
+        return self._jwt.sign(spiffe_id, audiences, ttl, now=self._clock())
 
     def jwks(self) -> bytes:
         """The trust domain's JWT bundle (JWKS JSON)."""
@@ -319,7 +339,9 @@ class CertificateAuthority:
         _write(folder / _JWT_FILES[1], self._jwt.kid.encode() + b"\n", 0o644)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> CertificateAuthority:
+    def load(
+        cls, directory: str | os.PathLike[str], *, now: Clock = time.time
+    ) -> CertificateAuthority:
         """The CA saved in ``directory``; CAError says which file is missing or wrong."""
         folder = Path(directory)
         try:
@@ -328,6 +350,7 @@ class CertificateAuthority:
             raise CAError(f"{folder / 'trust_domain'}: {exc}") from None
         ca = cls.__new__(cls)
         ca.trust_domain = trust_domain
+        ca._clock = now
         ca._root = _load_signer(folder, _ROOT_FILES)
         ca._intermediate = None
         if (folder / _INTERMEDIATE_FILES[0]).exists():

@@ -16,9 +16,11 @@ STOPPED       :meth:`Volume.stop` has returned: no task runs, nothing writes aga
 
 ``problem`` is the most important of the problems the volume's tasks report (each task
 clears its own once it succeeds again); ``written`` is set by the first complete write and
-never cleared. What the kubelet hears follows from the state alone: NodePublishVolume
-succeeds once ``written`` is set (see ``Registry``) and VOLUME_CONDITION is
-:meth:`VolumeState.condition`.
+never cleared. A volume resumed after a driver restart starts CURRENT, ``written`` describing
+the files a previous driver left (the writer only ever points ``..data`` at a whole
+generation), so its condition follows the SVID the pod has, not the restart. What the kubelet
+hears follows from the state alone: NodePublishVolume succeeds once ``written`` is set (see
+``Registry``) and VOLUME_CONDITION is :meth:`VolumeState.condition`.
 
 Containment: every task of the volume (SVID subscription, JWT refreshers, writer, per-pod
 socket) runs under :meth:`Volume._supervise`. An exception other than cancellation is logged
@@ -38,7 +40,7 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -47,14 +49,22 @@ import trio
 from cryptography import x509
 
 from .. import log
+from ..attributes import CREDENTIAL_BUNDLE_FILE
 from ..errors import RenderError
 from ..metrics import Metrics
 from ..render import render_files, select_svids
-from ..spire.agent import AgentError, AgentProblem, AgentStatus, Outcome, SvidUpdates
+from ..spire.agent import AgentError, AgentProblem, AgentStatus, Outcome
 from ..spire.backoff import AGENT_RETRY, BackoffPolicy
-from ..spire.responses import JwtBundles, JwtSvid, X509Bundles, X509Update
+from ..spire.responses import (
+    CRYPTO_ERRORS,
+    X509SVID,
+    JwtBundles,
+    JwtSvid,
+    X509Bundles,
+    X509Update,
+)
 from ..spire.selectors import Selector
-from ..storage.writer import FileContent, write_atomically
+from ..storage.writer import DATA_LINK, FileContent, write_atomically
 from ..watched import Observable, Watched
 from .plan import VolumePlan
 from .trace import PublishTrace
@@ -76,7 +86,10 @@ class Agent(Protocol):
 
     def x509_svids(
         self, selectors: Sequence[Selector]
-    ) -> AbstractAsyncContextManager[SvidUpdates]: ...
+    ) -> AbstractAsyncContextManager[AsyncIterator[X509Update | AgentProblem]]:
+        """The pod's SVID updates while the block runs (see
+        :meth:`~trio_spirecsi.spire.agent.AgentClient.x509_svids`)."""
+        ...
 
     async def jwt_svids(
         self, selectors: Sequence[Selector], audiences: Sequence[str], *, timeout: float = ...
@@ -234,6 +247,10 @@ class VolumeState:
     serving: bool | None = None
     """The per-pod socket accepts connections (True) or not yet (False); None when the
     volume has none."""
+    local: Problem | None = None
+    """The most important problem of this node (``ProblemKind.local``), if any: it can rank
+    below ``problem`` (an agent refusing the driver is told first) and still makes the
+    volume abnormal."""
 
     @property
     def entitled(self) -> bool:
@@ -258,8 +275,8 @@ class VolumeState:
             return True, problem.message if problem else "waiting for the first SVID"
         if now >= written.expires_at:
             return True, f"the SVID for {written.spiffe_id} expired at {_utc(written.expires_at)}"
-        if problem is not None and problem.kind.local:
-            return True, problem.message
+        if self.local is not None:
+            return True, self.local.message
         # Agents renew at about half-life: past 75% with a failing agent, or past 90% at
         # all, the SVID is no longer being renewed.
         lifetime = written.expires_at - written.not_before
@@ -319,9 +336,7 @@ class Volume:
         self._serving: bool | None = (
             False if plan.spec.workload_api and socket_server is not None else None
         )
-        self.state: Watched[VolumeState] = Watched(
-            VolumeState(Phase.STARTING, serving=self._serving)
-        )
+        self.state: Watched[VolumeState] = Watched(_on_disk(plan, self._serving))
         self.x509: Watched[X509Update | None] = Watched(None)
         """The agent's latest SVID set for this pod (all SVIDs, before selection)."""
         self._jwt: dict[tuple[str, ...], JwtSvid] = {}
@@ -430,7 +445,9 @@ class Volume:
 
     def _on_svids(self, update: X509Update | AgentProblem) -> None:
         if isinstance(update, AgentProblem):
-            if update.outcome is Outcome.NO_ENTRY and self.x509.value is not None:
+            # Files that hold an SVID (written now, or resumed) mean the pod had an identity.
+            had = self.x509.value is not None or self.state.value.written is not None
+            if update.outcome is Outcome.NO_ENTRY and had:
                 self._report(
                     "entitlement",
                     Problem(
@@ -481,7 +498,27 @@ class Volume:
             backoff.reset()
             # Refresh at half-life: an agent returns its cached token until then.
             lifetime = max(svid.expires_at - svid.issued_at, 2.0)
-            await trio.sleep(max(svid.issued_at + lifetime / 2 - self._now(), 1.0))
+            delay = max(svid.issued_at + lifetime / 2 - self._now(), 1.0)
+            await self._until_identity_moves(delay, svid.spiffe_id)
+
+    async def _until_identity_moves(self, seconds: float, issued: str) -> None:
+        """Sleep ``seconds``, or less if the X.509 identity the volume chooses changes to
+        one that is neither ``issued`` nor the one it chooses now (an entry was removed):
+        the JWT-SVID then follows, and the volume's files keep agreeing on one identity."""
+        before = self._chosen_id(self.x509.value)
+
+        def moved(update: X509Update | None) -> bool:
+            return self._chosen_id(update) not in (before, issued)
+
+        with trio.move_on_after(seconds):
+            await self.x509.wait_value(moved)
+
+    def _chosen_id(self, update: X509Update | None) -> str | None:
+        """The SPIFFE ID of the X.509-SVID the volume chooses from ``update``, if any."""
+        if update is None:
+            return None
+        chosen = self.plan.spec.preference.first(update.svids, _hint_and_id)
+        return chosen.spiffe_id if chosen is not None else None
 
     # Files ---------------------------------------------------------------
 
@@ -589,12 +626,13 @@ class Volume:
         if state.phase is Phase.STOPPED:
             return
         worst = min(self._problems.values(), key=_rank, default=None)
+        local = min((p for p in self._problems.values() if p.kind.local), key=_rank, default=None)
         written = written or state.written
         if written is None:
             phase = Phase.STARTING
         else:
             phase = Phase.CURRENT if worst is None else Phase.DEGRADED
-        self.state.value = VolumeState(phase, worst, written, self._serving)
+        self.state.value = VolumeState(phase, worst, written, self._serving, local)
         if problem is not None and problem != before:
             log.event(
                 logger,
@@ -621,6 +659,25 @@ class Volume:
         return written.expires_at if written is not None else 0.0
 
 
+def _on_disk(plan: VolumePlan, serving: bool | None) -> VolumeState:
+    """The state of a volume whose folder may already hold a complete set of files."""
+    spec = plan.spec
+    name = CREDENTIAL_BUNDLE_FILE if spec.layout == "spiffe-fs" else spec.svid_file
+    try:
+        pem = (plan.data_dir / DATA_LINK / name).read_bytes()
+        leaf = x509.load_pem_x509_certificates(pem)[0]
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        spiffe_id = san.get_values_for_type(x509.UniformResourceIdentifier)[0]
+        written = Written(
+            spiffe_id,
+            leaf.not_valid_before_utc.timestamp(),
+            leaf.not_valid_after_utc.timestamp(),
+        )
+    except (OSError, IndexError, x509.ExtensionNotFound, *CRYPTO_ERRORS):
+        return VolumeState(Phase.STARTING, serving=serving)
+    return VolumeState(Phase.CURRENT, None, written, serving)
+
+
 def _rank(problem: Problem) -> int:
     return _PRIORITY.index(problem.kind)
 
@@ -629,7 +686,7 @@ def _jwt_task(audiences: tuple[str, ...]) -> str:
     return "jwt " + ",".join(audiences)
 
 
-def _hint_and_id(svid: JwtSvid) -> tuple[str, str]:
+def _hint_and_id(svid: JwtSvid | X509SVID) -> tuple[str, str]:
     return svid.hint, svid.spiffe_id
 
 
