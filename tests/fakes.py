@@ -89,6 +89,10 @@ def unavailable(socket: str = ADMIN_SOCKET) -> AgentProblem:
     )
 
 
+def broken() -> AgentProblem:
+    return AgentProblem(Outcome.FAILED, "the SPIRE agent answered INTERNAL: stream failed")
+
+
 def denied(socket: str = ADMIN_SOCKET) -> AgentProblem:
     return AgentProblem(
         Outcome.DENIED,
@@ -189,6 +193,7 @@ class FakeAgent:
         self._jwt_wanted = False
         self.up = True
         self.refusing = False
+        self.streams_broken = False
         self.renewing = True
         """False: the agent keeps its SVIDs but does not renew them (cut off from its
         server); a forced :meth:`rotate` still re-issues."""
@@ -212,8 +217,8 @@ class FakeAgent:
 
     @property
     def serving(self) -> bool:
-        """The agent answers the driver."""
-        return self.up and not self.refusing
+        """The agent answers the driver's SVID streams."""
+        return self.up and not self.refusing and not self.streams_broken
 
     def entries_for(self, selectors: Iterable[tuple[str, str]]) -> list[Entry]:
         """The entries (not revoked) whose selectors are a subset of ``selectors``."""
@@ -243,7 +248,7 @@ class FakeAgent:
     ) -> AsyncIterator[AsyncIterator[X509Update | AgentProblem]]:
         self._count(selectors)
         await trio.lowlevel.checkpoint()
-        refusal = self._refusal()
+        refusal = self._refusal() or (broken() if self.streams_broken else None)
         if refusal is not None:
             raise AgentError(refusal)
         subscriber = _Subscriber(tuple(selectors))
@@ -350,6 +355,15 @@ class FakeAgent:
         self.up = True
         self._connected()
         self._timer.set()
+
+    def break_streams(self) -> None:
+        """SVID streams fail (INTERNAL) while the agent otherwise serves the driver: a
+        failure of the volumes alone, which they must retry on their own backoff."""
+        self.streams_broken = True
+        self._end_streams(broken())
+
+    def mend_streams(self) -> None:
+        self.streams_broken = False
 
     def refuse(self) -> None:
         """The agent no longer lists the driver as a delegate: streams fail DENIED."""

@@ -154,7 +154,7 @@ async def test_the_agent_client_retries_an_unreachable_socket_with_backoff(
     assert 5 <= count[0] <= 40, f"{count[0]} retries in {trio.current_time():.3f} virtual s"
 
 
-async def test_a_volume_resubscribes_within_the_backoff_cap_after_a_long_outage(
+async def test_volumes_come_back_with_the_agent_not_one_backoff_later(
     fast_clock: MockClock,
 ) -> None:
     async with fast_node() as node:
@@ -163,6 +163,23 @@ async def test_a_volume_resubscribes_within_the_backoff_cap_after_a_long_outage(
         await trio.sleep(900)
         assert node.agent.open_svid_streams == []
         node.agent.come_up()
+        await eventually(
+            lambda: len(node.agent.open_svid_streams) == 1,
+            "the volume's SVID stream is open again as soon as the agent serves the driver",
+            timeout=0.1,
+        )
+
+
+async def test_a_volume_failing_alone_retries_within_the_backoff_cap_after_a_long_time(
+    fast_clock: MockClock,
+) -> None:
+    """The agent serves the driver all along; only the volume's own stream keeps failing."""
+    async with fast_node() as node:
+        await published(node)
+        node.agent.break_streams()
+        await trio.sleep(900)
+        assert node.agent.open_svid_streams == []
+        node.agent.mend_streams()
         await eventually(
             lambda: len(node.agent.open_svid_streams) == 1,
             "the volume's SVID stream is open again",

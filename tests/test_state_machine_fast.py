@@ -644,6 +644,20 @@ class Outage(Op):
 
 
 @dataclass(frozen=True)
+class BrokenStreams(Op):
+    """The agent serves the driver (its bundle stream stays up) but every SVID stream fails
+    for a while: the volumes retry on their own backoff, which must stay capped."""
+
+    seconds: float
+
+    async def apply(self, m: Machine) -> None:
+        agent = m.node.agent
+        agent.break_streams()
+        await trio.sleep(self.seconds)
+        agent.mend_streams()
+
+
+@dataclass(frozen=True)
 class Restart(Op):
     """A new driver on the same state folder; meanwhile, maybe, leftovers of a crash."""
 
@@ -765,7 +779,10 @@ def operations(
             st.builds(Advance, st.sampled_from(ADVANCES)),
             st.builds(Age, st.sampled_from([0.8, 0.95, 1.05])),
         ],
-        "outage": [st.builds(Outage, st.sampled_from([1.0, 20.0, 120.0, 300.0, 500.0]))],
+        "outage": [
+            st.builds(Outage, st.sampled_from([1.0, 20.0, 120.0, 300.0, 500.0])),
+            st.builds(BrokenStreams, st.sampled_from([1.0, 120.0, 900.0])),
+        ],
         "restart": [
             st.builds(
                 Restart,
@@ -909,7 +926,7 @@ class Machine:
             return StatusCode.UNAVAILABLE
         if agent.refusing:
             return StatusCode.PERMISSION_DENIED
-        if self.chosen(vol) is None:
+        if self.chosen(vol) is None or agent.streams_broken:
             return StatusCode.FAILED_PRECONDITION
         return None
 

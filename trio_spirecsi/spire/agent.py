@@ -34,7 +34,7 @@ from ..errors import RenderError
 from ..grpc import Channel, ResponseStream, RpcError, StatusCode, methods
 from ..metrics import Metrics
 from ..watched import Watched
-from .backoff import AGENT_RETRY, REFUSED_RETRY, BackoffPolicy
+from .backoff import AGENT_RECONNECT, REFUSED_RETRY, BackoffPolicy
 from .responses import (
     BundleSet,
     JwtBundles,
@@ -118,7 +118,7 @@ class AgentClient:
         socket_path: Path,
         metrics: Metrics,
         *,
-        retry: BackoffPolicy = AGENT_RETRY,
+        retry: BackoffPolicy = AGENT_RECONNECT,
         refused_retry: BackoffPolicy = REFUSED_RETRY,
     ) -> None:
         self._channel = channel

@@ -52,7 +52,11 @@ class BackoffPolicy:
 
 
 AGENT_RETRY = BackoffPolicy(0.5, 30.0)
-"""Reconnecting to an agent that does not answer: quick at first, at most every 30 s."""
+"""A volume's own calls to the agent: quick at first, at most every 30 s. (A volume also
+retries at once when the agent starts serving the driver again: see ``Volume``.)"""
+AGENT_RECONNECT = BackoffPolicy(0.2, 5.0)
+"""The driver's one shared bundle stream, which tells when the agent is back: one call,
+cheap to retry often, so an agent restart costs every volume seconds, not a 30 s backoff."""
 REFUSED_RETRY = BackoffPolicy(0.2, 1.0)
 """Asking again after the agent refused the driver: an operator fixing the agent's delegates
 sees the driver ready within a second."""

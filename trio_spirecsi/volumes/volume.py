@@ -54,7 +54,7 @@ from ..errors import RenderError
 from ..metrics import Metrics
 from ..render import render_files, select_svids
 from ..spire.agent import AgentError, AgentProblem, AgentStatus, Outcome
-from ..spire.backoff import AGENT_RETRY, BackoffPolicy
+from ..spire.backoff import AGENT_RETRY, Backoff, BackoffPolicy
 from ..spire.responses import (
     CRYPTO_ERRORS,
     X509SVID,
@@ -441,7 +441,16 @@ class Volume:
                         self._on_svids(update)
             except AgentError as exc:
                 self._report("svid", Problem.of(exc.problem))
-            await trio.sleep(backoff.next())
+            await self._retry_after(backoff)
+
+    async def _retry_after(self, backoff: Backoff) -> None:
+        """Wait before calling the agent again: the next backoff delay, cut short when the
+        agent starts serving the driver again after it did not, so that every volume comes
+        back with the agent instead of one backoff later. A failure of this volume alone
+        (the agent serving all along) waits the whole delay."""
+        seen = self._agent.status.value
+        with trio.move_on_after(backoff.next()):
+            await self._agent.status.wait_value(lambda status: status.ready and status is not seen)
 
     def _on_svids(self, update: X509Update | AgentProblem) -> None:
         if isinstance(update, AgentProblem):
@@ -477,7 +486,7 @@ class Volume:
                 svids = await self._agent.jwt_svids(self.plan.selectors, audiences)
             except AgentError as exc:
                 self._report(task, Problem.of(exc.problem))
-                await trio.sleep(backoff.next())
+                await self._retry_after(backoff)
                 continue
             svid = spec.preference.first(svids, _hint_and_id)
             if svid is None:
