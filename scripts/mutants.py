@@ -68,7 +68,7 @@ MUTANTS: tuple[Mutant, ...] = (
                 "ceiling = self.initial * float(2 ** min(self._attempts, 32))",
             ),
         ),
-        _fast("test_a_volume_resubscribes_within_the_backoff_cap_after_a_long_outage"),
+        _fast("test_a_volume_failing_alone_retries_within_the_backoff_cap_after_a_long_time"),
     ),
     Mutant(
         "socket-by-account",
@@ -161,14 +161,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "trio_spirecsi/storage/writer.py",
         (
             (
-                '    folder = Path(tempfile.mkdtemp(prefix=f"..{stamp}.", dir=data_dir))',
+                '    folder = tempfile.mkdtemp(prefix=f"..{stamp}.", dir=data_dir)',
                 "    current = _current(data_dir)\n"
-                "    folder = (data_dir / current) if current else "
-                'Path(tempfile.mkdtemp(prefix=f"..{stamp}.", dir=data_dir))',
+                "    folder = os.path.join(data_dir, current) if current else "
+                'tempfile.mkdtemp(prefix=f"..{stamp}.", dir=data_dir)',
             ),
             (
-                "        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL |",
-                "        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC |",
+                "_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL |",
+                "_CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC |",
             ),
         ),
         _fast("test_a_rotation_never_changes_files_a_reader_already_opened"),
@@ -248,8 +248,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "trio_spirecsi/volumes/registry.py",
         (
             (
-                "                    mounted = True\n                except BaseException:",
-                "                    mounted = True\n                except Exception:",
+                '                    trace.mark("mount")\n                except BaseException:',
+                '                    trace.mark("mount")\n                except Exception:',
             ),
         ),
         _fast("test_a_cancelled_publish_leaves_nothing_behind"),
@@ -258,7 +258,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "no-per-volume-lock",
         "calls for one volume ID are not serialised",
         "trio_spirecsi/volumes/registry.py",
-        (("            async with lock:\n                yield", "            yield"),),
+        (
+            (
+                "            try:\n                lock.acquire_nowait()",
+                "            yield\n            return\n"
+                "            try:\n                lock.acquire_nowait()",
+            ),
+        ),
         _fast("test_concurrent_publishes_of_one_volume_id_publish_it_once"),
     ),
 )

@@ -1,0 +1,1 @@
+"""Developer scripts (protos, mutants); runnable as files, importable by the tests."""
