@@ -35,7 +35,8 @@ from ._protocol import (
 logger = logging.getLogger(__name__)
 
 IO_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
-_READ_SIZE = 16384
+READ_BYTES = 16384
+"""Bytes read from the socket per turn of the event loop, unless a connection says otherwise."""
 _CLOSE_GRACE = 1.0
 
 ErrorHook = Callable[[str], None]
@@ -58,8 +59,10 @@ class Transport:
         max_send_queue_bytes: int,
         log_fields: Mapping[str, Any],
         on_error: ErrorHook | None,
+        read_bytes: int = READ_BYTES,
     ) -> None:
         self.core = core
+        self._read_bytes = read_bytes
         self._stream = stream
         self._handshake_timeout = handshake_timeout
         self._idle_timeout = idle_timeout
@@ -178,7 +181,7 @@ class Transport:
         core = self.core
         while core.failure is None:
             try:
-                data = await self._stream.receive_some(_READ_SIZE)
+                data = await self._stream.receive_some(self._read_bytes)
             except IO_ERRORS as exc:
                 core.fail(ErrorCodes.NO_ERROR, None, _describe(exc))
                 return

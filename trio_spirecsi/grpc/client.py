@@ -3,6 +3,13 @@
 A call costs no task: the connection's reader task files each message and status into the
 call's small state object and wakes whoever waits on it. Unconsumed messages stay inside the
 HTTP/2 flow-control windows, so a slow consumer holds at most one window per stream.
+
+A call's first message, its status and its errors wake the caller at once; later messages
+(a stream's updates) are handed over by the connection's one pacing task, at most
+``ClientLimits.messages_per_turn`` per turn of the event loop, in arrival order. When the
+server pushes an update on thousands of streams at once (the SPIRE agent rotating every
+SVID), the callers then take turns instead of all running in one long turn, and a new call's
+first response, read behind the burst, reaches its caller within a turn or two.
 """
 
 from __future__ import annotations
@@ -78,11 +85,24 @@ def _reset_error(error_code: int) -> RpcError:
 class ClientCall:
     """What one call has received so far; filled by the reader, drained by the caller."""
 
-    __slots__ = ("done", "error", "live", "messages", "refused", "responded", "stream_id", "waiter")
+    __slots__ = (
+        "done",
+        "error",
+        "heard",
+        "live",
+        "messages",
+        "paced",
+        "refused",
+        "responded",
+        "stream_id",
+        "waiter",
+    )
 
     def __init__(self, stream_id: int) -> None:
         self.stream_id = stream_id
         self.messages: deque[tuple[bytes, int]] = deque()
+        self.heard = False  # a message arrived: later ones are paced
+        self.paced = False  # waiting in the connection's pacing queue
         self.done = False
         self.error: RpcError | None = None
         self.live = True  # counts against the server's concurrent stream limit
@@ -120,6 +140,7 @@ class ClientConnection:
             max_send_queue_bytes=limits.max_send_queue_bytes,
             log_fields={"side": "client", "socket": path},
             on_error=on_error,
+            read_bytes=limits.read_bytes,
         )
         self.path = path
         self.calls: dict[int, ClientCall] = {}
@@ -127,9 +148,30 @@ class ClientConnection:
         self.accepting = True  # new calls may start here
         self.failure: str | None = None
         self._live = 0
+        self._per_turn = limits.messages_per_turn
+        self._paced: deque[ClientCall] = deque()
+        self._paced_ready = trio.Event()
 
     async def run(self) -> None:
-        await self.transport.run(self._on_events, self._lost)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pace)
+            try:
+                await self.transport.run(self._on_events, self._lost)
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _pace(self) -> None:
+        """Wake the callers of later messages, ``messages_per_turn`` per turn, in order."""
+        queue = self._paced
+        while True:
+            await self._paced_ready.wait()
+            self._paced_ready = trio.Event()
+            while queue:
+                for _ in range(min(self._per_turn, len(queue))):
+                    call = queue.popleft()
+                    call.paced = False
+                    call.wake()
+                await trio.lowlevel.checkpoint()
 
     def abort(self, message: str) -> None:
         """Fail every call with UNAVAILABLE(message) and close the connection."""
@@ -177,7 +219,13 @@ class ClientConnection:
                 call.responded = True
             elif isinstance(event, MessageReceived):
                 call.messages.append((event.data, event.size))
-                call.wake()
+                if not call.heard:
+                    call.heard = True
+                    call.wake()
+                elif not call.paced:
+                    call.paced = True
+                    self._paced.append(call)
+                    self._paced_ready.set()
             elif isinstance(event, ResponseEnded):
                 error = None
                 if event.code != 0:

@@ -131,6 +131,16 @@ class ClientLimits:
     """Refill rate of the control frame budget (100/s); see :class:`ServerLimits`."""
     control_frame_burst: int = 1000
     """Size of the control frame budget (1000 tokens)."""
+    read_bytes: int = 16 * KiB
+    """Bytes read from the socket at a time (16 KiB). One read and the events it carries are
+    one step of the event loop; :meth:`trusted` reads up to 256 KiB (about what a unix socket
+    buffers), so that a burst of responses on thousands of streams (a rotation) is read in a
+    few steps and the first response of a new call behind it is not many loop turns away."""
+    messages_per_turn: int = 16
+    """Later messages of calls (after each call's first) handed to their callers per turn of
+    the event loop (16); first messages, statuses and errors are handed over at once. A
+    burst of responses on many streams then never makes one turn long, and a new call's first
+    response overtakes the burst."""
 
     def __post_init__(self) -> None:
         _check(self)
@@ -149,6 +159,7 @@ class ClientLimits:
             max_send_queue_bytes=64 * MiB,
             control_frames_per_second=10_000.0,
             control_frame_burst=100_000,
+            read_bytes=256 * KiB,
         )
 
 
