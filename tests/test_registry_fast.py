@@ -441,6 +441,27 @@ async def test_a_cancelled_publish_leaves_nothing_behind(fast_clock: MockClock) 
         assert node.agent.open_svid_streams == []
 
 
+async def test_a_publish_reaching_a_stopped_driver_is_unavailable_and_leaves_nothing(
+    fast_clock: MockClock,
+) -> None:
+    """On SIGTERM the CSI server and the volumes stop in one cancellation; a publish handler
+    that still takes a step after the volumes' nursery closed is refused at once (it used to
+    register a volume that could never run, and its teardown waited for it for ever)."""
+    async with fast_node() as node:
+        stopped = node.driver
+        await node.stop_driver()
+        node.driver = stopped  # the stopped driver's NodeService still gets the call
+        pod = node.pod()
+        with trio.fail_after(PUBLISH_TIMEOUT):
+            error = await node.publish(node.request("csi-late", pod))
+        node.driver = None
+        assert error is not None and error.code == StatusCode.UNAVAILABLE, error
+        assert "shutting down" in error.message
+        assert os.listdir(node.state_dir) == []
+        assert node.mounter.mounts == {}
+        assert node.agent.open_svid_streams == []
+
+
 async def test_concurrent_publishes_of_one_volume_id_publish_it_once(
     fast_clock: MockClock,
 ) -> None:

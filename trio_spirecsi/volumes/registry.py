@@ -154,12 +154,18 @@ class Registry:
         Cancelling leaves mounts and files in place: pods keep their files while the driver
         restarts.
         """
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._fan_out, self._agent.x509_bundles)
-            nursery.start_soon(self._fan_out, self._agent.jwt_bundles)
-            self._resume_all()
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._fan_out, self._agent.x509_bundles)
+                nursery.start_soon(self._fan_out, self._agent.jwt_bundles)
+                self._resume_all()
+                task_status.started()
+        finally:
+            # A publish that arrives now (the CSI server stops in the same cancellation, and
+            # a handler may still take a step) is refused: a volume that cannot run would
+            # never stop, and its teardown would wait for it for ever.
+            self._nursery = None
 
     async def _fan_out(self, bundles: Observable[object]) -> None:
         """Wake every volume when a shared bundle set changes (one task for all volumes)."""
@@ -252,7 +258,12 @@ class Registry:
         )
 
     def _start(self, md: VolumeMetadata, spec: VolumeSpec) -> Entry:
-        assert self._nursery is not None, "Registry.run() is not running"
+        if self._nursery is None:
+            raise PublishFailed(
+                "unavailable",
+                "the driver is not serving volumes (it is starting or shutting down); the "
+                "kubelet retries",
+            )
         plan = VolumePlan(
             volume_id=md.volume_id,
             target_path=Path(md.target_path),
