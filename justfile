@@ -21,9 +21,9 @@ setup-demo:
 demo: setup-demo
     @{{venv}}/trio-spirecsi demo
 
-# The whole test suite (in a private mount namespace), then lint and types
+# The whole test suite (in a private mount namespace, one worker per core, at most 4), then lint and types
 test: setup
-    unshare -m --propagation private {{venv}}/pytest -q -p no:cacheprovider
+    unshare -m --propagation private {{venv}}/pytest -q -p no:cacheprovider -n auto --maxprocesses 4
     {{just_executable()}} check
 
 # ruff and mypy --strict
