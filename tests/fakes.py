@@ -41,10 +41,10 @@ from pathlib import Path
 import trio
 
 from trio_spirecsi._proto.spire.api.agent.delegatedidentity.v1 import delegatedidentity_pb2 as di
-from trio_spirecsi._proto.spire.api.types import types_pb2
+from trio_spirecsi.devagent.agent import jwt_svids_response, svids_response
 from trio_spirecsi.devagent.ca import CertificateAuthority, X509Svid
 from trio_spirecsi.devagent.entries import DEFAULT_TEMPLATE, Entry, StaticEntries, TemplateEntries
-from trio_spirecsi.spiffe import normalise_trust_domain, trust_domain_id, workload_id_parts
+from trio_spirecsi.spiffe import normalise_trust_domain, trust_domain_id
 from trio_spirecsi.spire.agent import (
     Access,
     AgentError,
@@ -269,21 +269,9 @@ class FakeAgent:
         entries = self.entries_for(selectors)
         if not entries:
             raise AgentError(_no_entry(selectors, "a JWT-SVID"))
-        response = di.FetchJWTSVIDsResponse()
-        for entry in entries:
-            token, issued_at, expires_at = self.ca.sign_jwt(
-                entry.spiffe_id, list(audiences), self.jwt_ttl
-            )
-            response.svids.append(
-                types_pb2.JWTSVID(
-                    token=token,
-                    id=_spiffe_id_proto(entry.spiffe_id),
-                    expires_at=expires_at,
-                    issued_at=issued_at,
-                    hint=entry.hint,
-                )
-            )
-        return jwt_svids_from_response(response)
+        return jwt_svids_from_response(
+            jwt_svids_response(self.ca, entries, audiences, self.jwt_ttl)
+        )
 
     def want_jwt_bundles(self) -> None:
         if not self._jwt_wanted:
@@ -480,27 +468,9 @@ class FakeAgent:
         entries = self.entries_for(selectors)
         if not entries:
             return _no_entry(selectors, "an SVID")
-        response = di.SubscribeToX509SVIDsResponse(
-            federates_with=[trust_domain_id(td) for td in self._federates(entries)]
-        )
-        for entry, item in zip(entries, self._issued(entries), strict=True):
-            response.x509_svids.append(
-                di.X509SVIDWithKey(
-                    x509_svid=types_pb2.X509SVID(
-                        cert_chain=list(item.svid.cert_chain),
-                        id=_spiffe_id_proto(entry.spiffe_id),
-                        expires_at=item.svid.expires_at,
-                        hint=entry.hint,
-                    ),
-                    x509_svid_key=item.svid.key_pkcs8_der,
-                )
-            )
-        return x509_from_response(response)
-
-
-def _spiffe_id_proto(spiffe_id: str) -> types_pb2.SPIFFEID:
-    trust_domain, path = workload_id_parts(spiffe_id)
-    return types_pb2.SPIFFEID(trust_domain=trust_domain, path=path)
+        svids = [item.svid for item in self._issued(entries)]
+        federates = [trust_domain_id(td) for td in self._federates(entries)]
+        return x509_from_response(svids_response(entries, svids, federates))
 
 
 class MemoryMounter:

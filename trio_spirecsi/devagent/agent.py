@@ -369,7 +369,8 @@ class DevAgent:
                     federates,
                 )
                 if fingerprint != last:
-                    await send(_svids_response(entries, issued, federates, self._garbled))
+                    svids = [cached.svid for cached in issued]
+                    await send(svids_response(entries, svids, federates, self._garbled))
                     last = fingerprint
                 await watcher.event.wait()
         finally:
@@ -438,20 +439,7 @@ class DevAgent:
         entries = self.entries_for(selectors)
         if not entries:
             raise RpcError(StatusCode.PERMISSION_DENIED, NO_IDENTITY)
-        response = di.FetchJWTSVIDsResponse()
-        for entry in entries:
-            token, issued_at, expires_at = self.ca.sign_jwt(
-                entry.spiffe_id, list(request.audience), self.jwt_ttl
-            )
-            response.svids.append(
-                types_pb2.JWTSVID(
-                    token=token,
-                    id=_spiffe_id_proto(entry.spiffe_id),
-                    expires_at=expires_at,
-                    issued_at=issued_at,
-                    hint=entry.hint,
-                )
-            )
+        response = jwt_svids_response(self.ca, entries, request.audience, self.jwt_ttl)
         log.event(
             logger,
             logging.INFO,
@@ -614,15 +602,35 @@ def _spiffe_id_proto(spiffe_id: str) -> types_pb2.SPIFFEID:
     return types_pb2.SPIFFEID(trust_domain=trust_domain, path=path)
 
 
-def _svids_response(
+def jwt_svids_response(
+    ca: CertificateAuthority, entries: Sequence[Entry], audiences: Sequence[str], ttl: int
+) -> di.FetchJWTSVIDsResponse:
+    """A FetchJWTSVIDs answer: one JWT-SVID per entry, signed by ``ca`` for ``audiences``."""
+    response = di.FetchJWTSVIDsResponse()
+    for entry in entries:
+        token, issued_at, expires_at = ca.sign_jwt(entry.spiffe_id, list(audiences), ttl)
+        response.svids.append(
+            types_pb2.JWTSVID(
+                token=token,
+                id=_spiffe_id_proto(entry.spiffe_id),
+                expires_at=expires_at,
+                issued_at=issued_at,
+                hint=entry.hint,
+            )
+        )
+    return response
+
+
+def svids_response(
     entries: Sequence[Entry],
-    issued: Sequence[_Cached],
+    svids: Sequence[X509Svid],
     federates_with: Sequence[str],
     garbled: Collection[str] = (),
 ) -> di.SubscribeToX509SVIDsResponse:
+    """A SubscribeToX509SVIDs message: each entry's SVID with its key (a garbled key for
+    the SPIFFE IDs in ``garbled``), and the trust domains they federate with."""
     response = di.SubscribeToX509SVIDsResponse(federates_with=list(federates_with))
-    for entry, cached in zip(entries, issued, strict=True):
-        svid = cached.svid
+    for entry, svid in zip(entries, svids, strict=True):
         response.x509_svids.append(
             di.X509SVIDWithKey(
                 x509_svid=types_pb2.X509SVID(
