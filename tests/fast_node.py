@@ -35,6 +35,7 @@ from trio_spirecsi._proto.csi.v1 import csi_pb2 as csi
 from trio_spirecsi.csi.client import Pod, publish_request, volume_context
 from trio_spirecsi.csi.node import NodeService
 from trio_spirecsi.csi.status import handler
+from trio_spirecsi.errors import leaves
 from trio_spirecsi.grpc import Method, RpcError, ServerContext, StatusCode, methods
 from trio_spirecsi.metrics import Metrics
 from trio_spirecsi.spire.backoff import AGENT_RETRY, BackoffPolicy
@@ -308,12 +309,5 @@ async def open_fast_node(
 def only_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The one error in a nursery's group (Cancelled aside), so that a failed assertion in a
     test body reads as itself; the group when there are several."""
-    leaves: list[BaseException] = []
-    stack: list[BaseException] = [group]
-    while stack:
-        exc = stack.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            stack.extend(exc.exceptions)
-        elif not isinstance(exc, trio.Cancelled):
-            leaves.append(exc)
-    return leaves[0] if len(leaves) == 1 else group
+    errors = [e for e in leaves(group) if not isinstance(e, trio.Cancelled)]
+    return errors[0] if len(errors) == 1 else group

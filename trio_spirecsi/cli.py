@@ -31,6 +31,7 @@ from .config import (
     parse_csi_endpoint,
     settings_from_args,
 )
+from .errors import leaves
 
 USAGE_ERROR = 2
 """Exit status for a flag or setting the command cannot use (argparse's own)."""
@@ -55,12 +56,6 @@ def first_leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return exc
-
-
-def leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
-    return [exc]
 
 
 def _positive_seconds(text: str) -> float:
@@ -103,7 +98,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         trio.run(main)
     except BaseException as exc:
-        startup = [e for e in leaves(exc) if isinstance(e, daemon.StartupError)]
+        found = leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+        startup = [e for e in found if isinstance(e, daemon.StartupError)]
         if not startup:
             raise
         return _fail("serve", str(startup[0]), USAGE_ERROR)

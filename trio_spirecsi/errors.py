@@ -6,7 +6,9 @@ nothing else in the project needs to know about wire codes.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypeVar
+
+E = TypeVar("E", bound=BaseException)
 
 
 class SpireCSIError(Exception):
@@ -60,6 +62,17 @@ class PublishFailed(SpireCSIError):
         self.kind: PublishFailureKind = kind
 
 
+def leaves(group: BaseExceptionGroup[E]) -> list[E]:
+    """The exceptions inside ``group``, however deeply its groups nest, in order."""
+    found: list[E] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found.extend(leaves(exc))
+        else:
+            found.append(exc)
+    return found
+
+
 __all__ = [
     "AlreadyExists",
     "InvalidArgument",
@@ -68,4 +81,5 @@ __all__ = [
     "PublishFailureKind",
     "RenderError",
     "SpireCSIError",
+    "leaves",
 ]

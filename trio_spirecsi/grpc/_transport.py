@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from ..errors import leaves
 from ._protocol import (
     HANDSHAKE_TIMEOUT,
     INTERNAL_ERROR,
@@ -335,15 +336,8 @@ def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
     Background tasks here never raise (except Cancelled), so a group holds the body's exception
     plus, at most, Cancelled from those tasks.
     """
-    leaves: list[BaseException] = []
-    stack: list[BaseException] = [group]
-    while stack:
-        exc = stack.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            stack.extend(exc.exceptions)
-        else:
-            leaves.append(exc)
-    others = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    found = leaves(group)
+    others = [e for e in found if not isinstance(e, trio.Cancelled)]
     if len(others) == 1:
         return others[0]
-    return group if others else leaves[0]
+    return group if others else found[0]

@@ -50,7 +50,7 @@ from cryptography import x509
 
 from .. import log
 from ..attributes import CREDENTIAL_BUNDLE_FILE
-from ..errors import RenderError
+from ..errors import RenderError, leaves
 from ..metrics import Metrics
 from ..render import render_files, select_svids
 from ..spire.agent import AgentError, AgentProblem, AgentStatus, Outcome
@@ -398,9 +398,9 @@ class Volume:
             await trio.sleep(backoff.next())
 
     def _task_failed(self, task: str, group: BaseExceptionGroup[Exception]) -> None:
-        leaves = list(_leaves(group))
-        first = leaves[0]
-        expected = all(isinstance(e, OSError) for e in leaves)
+        found = leaves(group)
+        first = found[0]
+        expected = all(isinstance(e, OSError) for e in found)
         kind = ProblemKind.SOCKET if task == "socket" and expected else ProblemKind.INTERNAL
         detail = _os_error(first) if isinstance(first, OSError) else type(first).__name__
         self._metrics.errors_total.labels(
@@ -697,16 +697,6 @@ def _jwt_task(audiences: tuple[str, ...]) -> str:
 
 def _hint_and_id(svid: JwtSvid | X509SVID) -> tuple[str, str]:
     return svid.hint, svid.spiffe_id
-
-
-def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
-    found: list[Exception] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            found.extend(_leaves(exc))
-        else:
-            found.append(exc)
-    return found
 
 
 def _os_error(exc: OSError) -> str:
