@@ -29,7 +29,7 @@ from tests.h2_raw import (
     raw_frame,
 )
 from trio_spirecsi._proto.csi.v1 import csi_pb2 as csi
-from trio_spirecsi.grpc import RpcError, StatusCode, methods, open_channel
+from trio_spirecsi.grpc import ClientLimits, RpcError, StatusCode, methods, open_channel
 
 MiB = 1024 * 1024
 OK_REPLY = csi.GetPluginInfoResponse(name="ok").SerializeToString()
@@ -125,23 +125,38 @@ async def agent_on(path: Path) -> AsyncIterator[FakeAgent]:
         nursery.cancel_scope.cancel()
 
 
+HOSTILE_AGENT_CASES = [
+    ("non-ascii header", StatusCode.INTERNAL, "grpc_bad_stream", None),
+    ("non-ascii trailers", StatusCode.INTERNAL, "grpc_bad_stream", None),
+    ("bomb", StatusCode.RESOURCE_EXHAUSTED, "grpc_message_too_large", None),
+    ("oversized frame", StatusCode.UNAVAILABLE, "grpc_protocol_error", FRAME_SIZE_ERROR),
+    ("undecodable headers", StatusCode.UNAVAILABLE, "grpc_protocol_error", COMPRESSION_ERROR),
+    ("ping flood", StatusCode.UNAVAILABLE, "grpc_flood", ENHANCE_YOUR_CALM),
+]
+# The agent's own limits (ClientLimits.trusted: 256 KiB reads into a kept buffer) allow the
+# biggest frames and a larger control budget; the other attacks fail the same way there.
+TRUSTED_CASES = [c for c in HOSTILE_AGENT_CASES if c[0] not in ("oversized frame", "ping flood")]
+
+
 @pytest.mark.parametrize(
-    ("mode", "code", "kind", "goaway"),
-    [
-        ("non-ascii header", StatusCode.INTERNAL, "grpc_bad_stream", None),
-        ("non-ascii trailers", StatusCode.INTERNAL, "grpc_bad_stream", None),
-        ("bomb", StatusCode.RESOURCE_EXHAUSTED, "grpc_message_too_large", None),
-        ("oversized frame", StatusCode.UNAVAILABLE, "grpc_protocol_error", FRAME_SIZE_ERROR),
-        ("undecodable headers", StatusCode.UNAVAILABLE, "grpc_protocol_error", COMPRESSION_ERROR),
-        ("ping flood", StatusCode.UNAVAILABLE, "grpc_flood", ENHANCE_YOUR_CALM),
-    ],
+    ("limits", "mode", "code", "kind", "goaway"),
+    [(ClientLimits(), *case) for case in HOSTILE_AGENT_CASES]
+    + [(ClientLimits.trusted(), *case) for case in TRUSTED_CASES],
+    ids=[f"default-{c[0]}" for c in HOSTILE_AGENT_CASES]
+    + [f"trusted-{c[0]}" for c in TRUSTED_CASES],
 )
 async def test_hostile_agent_fails_the_call_and_the_channel_carries_on(
-    sock_dir: Path, mode: str, code: StatusCode, kind: str, goaway: int | None
+    sock_dir: Path,
+    limits: ClientLimits,
+    mode: str,
+    code: StatusCode,
+    kind: str,
+    goaway: int | None,
 ) -> None:
     path = sock_dir / "agent.sock"
     errors: list[str] = []
-    async with agent_on(path) as agent, open_channel(str(path), on_error=errors.append) as ch:
+    channel = open_channel(str(path), limits=limits, on_error=errors.append)
+    async with agent_on(path) as agent, channel as ch:
         first = await ch.unary(methods.GET_PLUGIN_INFO, csi.GetPluginInfoRequest(), timeout=10)
         agent.mode = mode
         tracemalloc.start()

@@ -24,7 +24,7 @@ from trio_spirecsi._proto.csi.v1 import csi_pb2 as csi
 from trio_spirecsi._proto.spire.api.agent.delegatedidentity.v1 import (
     delegatedidentity_pb2 as di,
 )
-from trio_spirecsi.grpc import ClientLimits, methods, open_channel
+from trio_spirecsi.grpc import ClientLimits, RpcError, StatusCode, methods, open_channel
 
 STREAMS = 600
 SUBSCRIBE_PATH = "/spire.api.agent.delegatedidentity.v1.DelegatedIdentity/SubscribeToX509SVIDs"
@@ -47,8 +47,10 @@ class BurstAgent:
     """Answers each subscription with message 1; when a unary call arrives, sends messages
     2 and 3 on every subscription, then the unary call's whole answer, in one write."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, answer: bool = True) -> None:
         self.subscriptions: list[int] = []
+        self.answer = answer
+        """False: after the burst the agent closes the connection instead of answering."""
 
     async def serve(self, path: Path, task_status: trio.TaskStatus[None]) -> None:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -76,6 +78,8 @@ class BurstAgent:
                         )
                     else:
                         await peer.send(*self._burst_then_answer(peer, frame.stream_id))
+                        if not self.answer:
+                            return
                 elif isinstance(frame, DataFrame):
                     continue
 
@@ -83,6 +87,8 @@ class BurstAgent:
         frames: list[DataFrame | HeadersFrame] = []
         for seq in (2, 3):
             frames += [peer.data(stream, update(seq)) for stream in self.subscriptions]
+        if not self.answer:
+            return frames
         answer = csi.GetPluginInfoResponse(name="after the burst").SerializeToString()
         frames += [
             peer.headers(sid, RESPONSE_HEADERS),
@@ -163,3 +169,45 @@ async def test_burst_is_handed_over_a_few_callers_per_turn_behind_a_new_first_re
     # of the burst was still waiting for its turn.
     handed_before = sum(1 for turn in burst_turns if turn <= answered)
     assert handed_before < STREAMS // 2, (handed_before, answered, sorted(per_turn.items())[:5])
+
+
+async def test_connection_lost_behind_a_burst_hands_over_what_arrived_then_fails_every_call(
+    sock_dir: Path,
+) -> None:
+    """The agent dies right after pushing the burst: every stream still gets the messages
+    that arrived, in order, and then UNAVAILABLE; the call that was waiting fails too, and
+    nothing escapes the channel."""
+    path = sock_dir / "agent.sock"
+    received: list[list[int]] = [[] for _ in range(STREAMS)]
+    ended: list[StatusCode] = []
+    everyone_has_one = trio.Event()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(BurstAgent(answer=False).serve, path)
+        async with open_channel(str(path), limits=ClientLimits.trusted()) as channel:
+
+            async def subscriber(index: int) -> None:
+                request = di.SubscribeToX509SVIDsRequest()
+                try:
+                    async with channel.stream(methods.SUBSCRIBE_TO_X509_SVIDS, request) as updates:
+                        async for message in updates:
+                            received[index].append(int(message.federates_with[0]))
+                            if sum(1 for got in received if got) == STREAMS:
+                                everyone_has_one.set()
+                except RpcError as exc:
+                    ended.append(exc.code)
+
+            async with trio.open_nursery() as subscribers:
+                for index in range(STREAMS):
+                    subscribers.start_soon(subscriber, index)
+                with trio.fail_after(30):
+                    await everyone_has_one.wait()
+                with pytest.raises(RpcError) as info:
+                    await channel.unary(
+                        methods.GET_PLUGIN_INFO, csi.GetPluginInfoRequest(), timeout=30
+                    )
+        nursery.cancel_scope.cancel()
+
+    assert info.value.code == StatusCode.UNAVAILABLE
+    assert all(got == [1, 2, 3] for got in received)
+    assert ended == [StatusCode.UNAVAILABLE] * STREAMS
