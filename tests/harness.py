@@ -27,6 +27,7 @@ from trio_spirecsi.csi.client import CSIClient, Pod, publish_request, volume_con
 from trio_spirecsi.daemon import Daemon
 from trio_spirecsi.devagent.agent import DevAgent
 from trio_spirecsi.grpc import Channel, open_channel
+from trio_spirecsi.heap import HeapPolicy
 from trio_spirecsi.storage.mount import MNT_DETACH
 
 
@@ -137,6 +138,10 @@ class Node:
             state_dir=self.state_dir,
             kubelet_dir=self.kubelet_dir,
             publish_timeout=10.0,
+            # A daemon in the test process leaves its collector alone: freezing the heap of
+            # pytest and hypothesis would keep their garbage cycles. Drivers started with
+            # serve_argv run the real policy (tests/test_heap.py tests it).
+            heap=HeapPolicy(freeze_interval=0),
         )
         values.update(overrides)
         return Settings(**values)

@@ -8,6 +8,7 @@ import pytest
 
 from trio_spirecsi.config import ConfigError, parse_csi_endpoint, parse_serve
 from trio_spirecsi.grpc import ServerLimits
+from trio_spirecsi.heap import HeapPolicy
 from trio_spirecsi.ratelimit import RateLimit
 
 REQUIRED = [
@@ -102,6 +103,14 @@ def test_pod_socket_limits_default_to_the_untrusted_server_limits() -> None:
     assert settings.keep_set_aside == 32
 
 
+def test_the_heap_policy_defaults_and_flags() -> None:
+    assert parse_serve(REQUIRED, environ={}).heap == HeapPolicy(10.0, 3600.0)
+    settings = parse_serve(
+        [*REQUIRED, "--gc-freeze-interval", "0"], environ={"TRIO_SPIRECSI_GC_FULL_INTERVAL": "60"}
+    )
+    assert settings.heap == HeapPolicy(freeze_interval=0.0, full_interval=60.0)
+
+
 def test_every_pod_socket_limit_has_a_flag_and_an_environment_variable() -> None:
     settings = parse_serve(
         [
@@ -136,6 +145,9 @@ def test_every_pod_socket_limit_has_a_flag_and_an_environment_variable() -> None
         ),
         (["--pod-socket-handshake-timeout", "nan"], "--pod-socket-handshake-timeout 'nan'"),
         (["--keep-set-aside", "-1"], "--keep-set-aside '-1': must be 0 or more"),
+        (["--gc-freeze-interval", "-5"], "--gc-freeze-interval '-5': must be 0 or more"),
+        (["--gc-full-interval", "0"], "--gc-full-interval '0': must be more than 0"),
+        (["--gc-full-interval", "inf"], "--gc-full-interval 'inf': must be more than 0"),
     ],
 )
 def test_a_bad_limit_is_one_line_naming_the_flag(args: list[str], message: str) -> None:

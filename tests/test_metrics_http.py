@@ -139,6 +139,9 @@ PROCESS_METRIC_NAMES = [
     "process_open_fds",
     "process_max_fds",
     "process_start_time_seconds",
+    "python_gc_objects_collected_total",
+    "python_gc_objects_uncollectable_total",
+    "python_gc_collections_total",
 ]
 
 
@@ -197,6 +200,7 @@ async def test_no_metric_carries_a_per_pod_label(server: Server) -> None:
         "version",
         "within_seconds",
         "resource",
+        "generation",
     }
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .grpc.limits import ServerLimits
+from .heap import HeapPolicy
 from .ratelimit import RateLimit
 
 ENV_PREFIX = "TRIO_SPIRECSI_"
@@ -46,6 +47,8 @@ class Settings:
     pod_socket_jwt: RateLimit = field(default_factory=lambda: _JWT)
     """FetchJWTSVID and ValidateJWTSVID per pod and method."""
     keep_set_aside: int = 32
+    heap: HeapPolicy = field(default_factory=HeapPolicy)
+    """When the heap is frozen and fully collected (see :mod:`trio_spirecsi.heap`)."""
 
 
 def _shown(value: float) -> str:
@@ -239,6 +242,18 @@ _FLAGS = (
         "older ones are deleted",
         "32",
     ),
+    _Flag(
+        "gc-freeze-interval",
+        "seconds between two freezes of the heap, so that garbage collections examine only "
+        "what changed since (0: the interpreter's own policy, with full collections of "
+        "every volume's objects)",
+        _shown(HeapPolicy.freeze_interval),
+    ),
+    _Flag(
+        "gc-full-interval",
+        "seconds between two full garbage collections of the frozen heap",
+        _shown(HeapPolicy.full_interval),
+    ),
 )
 
 SERVE_FLAGS: frozenset[str] = frozenset("--" + f.name for f in _FLAGS)
@@ -404,6 +419,10 @@ def _validate(v: _Values) -> Settings:
         _number(v, "pod-socket-jwt-per-second", float), int(_number(v, "pod-socket-jwt-burst", int))
     )
     keep = int(_number(v, "keep-set-aside", int, allow_zero=True))
+    heap = HeapPolicy(
+        _number(v, "gc-freeze-interval", float, allow_zero=True),
+        _number(v, "gc-full-interval", float),
+    )
     return Settings(
         csi_socket=csi_socket,
         admin_socket=Path(v["admin-socket"]),
@@ -419,6 +438,7 @@ def _validate(v: _Values) -> Settings:
         pod_socket=pod_socket,
         pod_socket_jwt=jwt,
         keep_set_aside=keep,
+        heap=heap,
     )
 
 

@@ -4,7 +4,8 @@
     ├── agent connection: shared bundle streams over one HTTP/2 connection
     ├── volume registry: one cancel-scoped nursery per volume
     ├── CSI gRPC server on the kubelet's unix socket
-    └── metrics + health HTTP endpoint (optional)
+    ├── metrics + health HTTP endpoint (optional)
+    └── heap policy: one timer that freezes the heap (see :mod:`trio_spirecsi.heap`)
 
 Cancelling the daemon stops serving and stops every volume's tasks but leaves
 mounts and files in place, so pods keep their identities across a restart;
@@ -30,6 +31,7 @@ from .config import Settings
 from .csi.identity import IdentityService
 from .csi.node import NodeService
 from .grpc import ClientLimits, Server, ServerLimits, open_channel
+from .heap import keep_heap
 from .httpserver import open_listeners, parse_addr, serve_http
 from .metrics import Metrics
 from .spire.agent import AgentClient
@@ -99,6 +101,7 @@ async def _serve(
         agent = AgentClient(channel, settings.admin_socket, metrics)
         async with trio.open_nursery() as nursery:
             await nursery.start(agent.run)
+            nursery.start_soon(keep_heap, settings.heap)
             registry = Registry(
                 store=store,
                 mounter=mounter,

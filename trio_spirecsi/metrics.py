@@ -9,7 +9,9 @@ SVID expiry is summarised at scrape time from a callback instead (see
 The exposition follows Prometheus conventions: no ``_created`` series (they double the
 series count of every counter and histogram and no alert uses them), gauges are exposed as
 gauges, and the standard ``process_*`` metrics (resident memory, CPU seconds, open file
-descriptors, start time) come from prometheus-client's ProcessCollector.
+descriptors, start time) come from prometheus-client's ProcessCollector, and the standard
+``python_gc_*`` counters (collections, collected and uncollectable objects by generation)
+from its GCCollector.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
     Info,
     ProcessCollector,
@@ -147,6 +150,7 @@ class Metrics:
         self._expiry_source: ExpirySource = _no_volumes
         r.register(_ExpiryCollector(self))
         ProcessCollector(registry=r)
+        GCCollector(registry=r)
 
     def set_expiry_source(self, fn: ExpirySource) -> None:
         """Use ``fn`` at every scrape to read the ``expires_at`` (unix seconds) of live SVIDs.

@@ -1,0 +1,98 @@
+"""The heap policy (``--gc-freeze-interval``, ``--gc-full-interval``): what is alive at a
+freeze is left alone by every collection until the next full collection, which frees what
+became garbage in between; with the policy off, the interpreter collects as usual."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator, Sequence
+
+import pytest
+import trio
+from trio.testing import MockClock
+
+from trio_spirecsi.heap import HeapPolicy, full_collection, keep_heap
+
+
+@pytest.fixture(autouse=True)
+def _thawed() -> Iterator[None]:
+    """Every test leaves the test process's heap as it found it: nothing frozen."""
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+
+
+class Cycle:
+    """An object that refers to itself: only the cyclic collector can free it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def run(policy: HeapPolicy, steps: Sequence[tuple[float, str]]) -> list[bool]:
+    """Run ``keep_heap(policy)`` in virtual time. A cycle is made at 0 s and kept until
+    1 s later (by then it is frozen if the policy froze at 0.5 s); at each (time, what) of
+    ``steps`` the result records whether the cycle is still alive after ``gc.collect()``
+    (``what`` only names the moment)."""
+    alive: list[bool] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_heap, policy)
+            cycle = Cycle()
+            ref = weakref.ref(cycle)
+            await trio.sleep(1)
+            del cycle
+            for at, _ in steps:
+                await trio.sleep_until(at)
+                gc.collect()
+                alive.append(ref() is not None)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=MockClock(autojump_threshold=0))
+    return alive
+
+
+def test_a_cycle_frozen_while_alive_survives_collections_until_the_full_collection() -> None:
+    policy = HeapPolicy(freeze_interval=0.5, full_interval=100)
+    steps = [(2, "after two freezes"), (99, "before the full collection"), (101, "after it")]
+    assert run(policy, steps) == [True, True, False]
+
+
+def test_a_cycle_that_dies_before_any_freeze_is_collected_at_once() -> None:
+    policy = HeapPolicy(freeze_interval=10, full_interval=100)
+    assert run(policy, [(2, "before the first freeze")]) == [False]
+
+
+def test_with_the_policy_off_nothing_is_frozen() -> None:
+    policy = HeapPolicy(freeze_interval=0, full_interval=100)
+    assert run(policy, [(2, "later"), (50, "much later")]) == [False, False]
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_full_collection_counts_the_garbage_and_leaves_the_heap_frozen() -> None:
+    cycle = Cycle()
+    ref = weakref.ref(cycle)
+    gc.freeze()
+    del cycle
+    collected = full_collection()
+    assert ref() is None
+    assert collected.unreachable >= 2  # the object and its __dict__
+    assert collected.seconds > 0
+    assert gc.get_freeze_count() > 0
+
+
+@pytest.mark.parametrize(
+    ("freeze", "full", "message"),
+    [
+        (-1.0, 60.0, "freeze_interval must be 0 or more, not -1.0"),
+        (float("nan"), 60.0, "freeze_interval must be 0 or more, not nan"),
+        (10.0, 0.0, "full_interval must be more than 0, not 0.0"),
+    ],
+)
+def test_a_policy_with_impossible_intervals_is_refused(
+    freeze: float, full: float, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        HeapPolicy(freeze_interval=freeze, full_interval=full)
