@@ -4,6 +4,7 @@ sans-IO core that never raises whatever bytes it is fed."""
 from __future__ import annotations
 
 import ast
+import itertools
 import struct
 import subprocess
 import sys
@@ -142,6 +143,38 @@ def test_decompression_never_yields_more_than_the_limit() -> None:
         feed("gzip", deflate_bomb(1000, gzip=True)[:-6])
     with pytest.raises(BadMessage, match="without a grpc-encoding"):
         feed(None, exact)
+
+
+@given(
+    bodies=st.lists(st.binary(max_size=300), min_size=1, max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=12),
+    padding=st.integers(min_value=0, max_value=255),
+    aligned=st.booleans(),
+)
+def test_messages_come_out_whole_however_the_frames_cut_them(
+    bodies: list[bytes], cuts: list[int], padding: int, aligned: bool
+) -> None:
+    """Frames that hold one whole message each (``aligned``: cut at every message's end, and
+    maybe inside some too), or parts and several: the same messages in the same order, and
+    every flow-controlled byte (padding included) accounted once."""
+    wire = b"".join(grpc_message(body) for body in bodies)
+    ends = itertools.accumulate(len(body) + 5 for body in bodies) if aligned else ()
+    points = sorted({0, len(wire), *ends, *(c for c in cuts if c < len(wire))})
+    reader = MessageReader(None, 4096)
+    out: list[tuple[bytes, int]] = []
+    for start, end in itertools.pairwise(points):
+        out.extend(reader.feed(wire[start:end], end - start + padding))
+    assert [data for data, _ in out] == bodies
+    assert sum(size for _, size in out) == len(wire) + padding * (len(points) - 1)
+    assert not reader.partial
+
+
+def test_a_whole_message_over_the_limit_in_one_frame_is_refused() -> None:
+    frame = grpc_message(b"x" * 1025)
+    with pytest.raises(MessageTooLarge):
+        MessageReader(None, 1024).feed(frame, len(frame))
+    [(data, size)] = MessageReader(None, 1025).feed(frame, len(frame))
+    assert (data, size) == (b"x" * 1025, len(frame))
 
 
 def _server_core() -> ProtocolCore:

@@ -196,16 +196,24 @@ class _BoundedReadBuffer(MessageReadBuffer):  # type: ignore[misc]
 class MessageReader:
     """Reassembles one stream's messages; each comes out with its flow-controlled size."""
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_buffer", "_limit")
 
     def __init__(self, encoding: str | None, limit: int) -> None:
         self._buffer = _BoundedReadBuffer(encoding, limit)
+        self._limit = limit
 
     def feed(self, data: bytes, flow_controlled: int) -> deque[tuple[bytes, int]]:
         """Add one DATA frame's payload; returns the messages it completed.
 
         Raises MessageTooLarge or BadMessage; the reader is unusable afterwards.
         """
+        # The common case, a frame that holds exactly one whole uncompressed message with
+        # nothing buffered before it, skips the general reassembly (a fifth of the cost of
+        # receiving an agent's message).
+        if len(data) >= 5 and data[0] == 0 and not self.partial:
+            length = int.from_bytes(data[1:5])
+            if length == len(data) - 5 and length <= self._limit:
+                return deque(((data[5:], flow_controlled),))
         try:
             self._buffer.data_received(data, flow_controlled)
         except MessageTooLargeError as exc:

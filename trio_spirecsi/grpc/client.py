@@ -395,19 +395,23 @@ class ResponseStream(Generic[Resp]):
             self._conn.end_call(self._call)
 
     async def __anext__(self) -> Resp:
+        if self._deadline == math.inf:  # a subscription: no cancel scope for each message
+            return self._decode(await self._next())
         with trio.move_on_at(self._deadline):
-            data = await self._next()
-            if data is None:
-                raise StopAsyncIteration
-            try:
-                return self._type.FromString(data)
-            except DecodeError:
-                error = RpcError(StatusCode.INTERNAL, "could not parse response")
-                self._fail(error)
-                raise error from None
+            return self._decode(await self._next())
         error = RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         self._fail(error)
         raise error
+
+    def _decode(self, data: bytes | None) -> Resp:
+        if data is None:
+            raise StopAsyncIteration
+        try:
+            return self._type.FromString(data)
+        except DecodeError:
+            error = RpcError(StatusCode.INTERNAL, "could not parse response")
+            self._fail(error)
+            raise error from None
 
     def _fail(self, error: RpcError) -> None:
         if self._conn is not None and self._call is not None:
