@@ -184,6 +184,19 @@ async def test_svid_stream_sends_the_svid_then_a_new_one_after_rotate(sock_dir: 
         assert rotated.x509_svid.id == svid.x509_svid.id
 
 
+async def test_a_gradual_rotation_reaches_every_subscriber(sock_dir: Path) -> None:
+    agent = DevAgent("example.org")
+    async with serving(agent, sock_dir) as peer:
+        streams = [peer.svids(pod(name=f"web-{i}", uid=f"uid-{i}")) for i in range(5)]
+        firsts = {leaf((await s.next()).x509_svids[0]).serial_number for s in streams}
+        with pytest.raises(ValueError, match="per_turn must be 1 or more, not 0"):
+            await agent.rotate_gradually(per_turn=0)
+        await agent.rotate_gradually(per_turn=2)
+        rotated = {leaf((await s.next()).x509_svids[0]).serial_number for s in streams}
+        assert len(rotated) == 1
+        assert rotated.isdisjoint(firsts)
+
+
 async def test_pods_of_one_service_account_share_one_svid_and_its_rotations(
     sock_dir: Path,
 ) -> None:

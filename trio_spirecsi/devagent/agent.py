@@ -216,6 +216,23 @@ class DevAgent:
         self._log_rotation(spiffe_id or "all", len(cached))
         self._wake(w for ws in self._svid_watchers.values() for w in ws)
 
+    async def rotate_gradually(self, per_turn: int = 32) -> None:
+        """:meth:`rotate` every cached SVID, then wake the subscribers ``per_turn`` at a time
+        with a scheduler turn between, as an agent that answers its streams on many cores
+        while it keeps serving. :meth:`rotate` wakes them all at once: their answers (1,000
+        streams: tens of milliseconds of this agent's loop) then hold up every other call,
+        such as a new subscription's first answer."""
+        if per_turn < 1:
+            raise ValueError(f"per_turn must be 1 or more, not {per_turn}")
+        cached = list(self._cache.values())
+        for item in cached:
+            self._store(item.entry)
+        self._log_rotation("all", len(cached))
+        watchers = [w for ws in self._svid_watchers.values() for w in ws]
+        for start in range(0, len(watchers), per_turn):
+            self._wake(watchers[start : start + per_turn])
+            await trio.lowlevel.checkpoint()
+
     def rotate_ca(self, *, keep_old: bool = False) -> None:
         """Replace the local CA: the bundle changes and every cached SVID is re-issued.
 
