@@ -1,7 +1,8 @@
 """``just bench``: the driver's design targets, measured (not asserted).
 
-The driver runs as its own process (so its memory and CPU are its own), the dev agent and a
-kubelet-like client run in this process, state folders on a private tmpfs as in production.
+The driver runs as its own process (so its memory and CPU are its own), a kubelet-like
+client runs in this process and the dev agent on its own Trio loop in a thread of it
+(:class:`AgentThread`), state folders on a private tmpfs as in production.
 Beside it runs a minimal driver on grpcio's C-core with threads (:mod:`.ccore_driver`) on the
 same agent: sequential publishes alternate between the two (ours, theirs, ours, ...) so that
 both see the same machine at the same moment, and the table shows both with their ratio.
