@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 import trio
@@ -30,11 +30,15 @@ class Cycle:
         self.me = self
 
 
-def run(policy: HeapPolicy, steps: Sequence[tuple[float, str]]) -> list[bool]:
+def run(
+    policy: HeapPolicy,
+    steps: Sequence[tuple[float, str]],
+    between: Callable[[], None] = lambda: None,
+) -> list[bool]:
     """Run ``keep_heap(policy)`` in virtual time. A cycle is made at 0 s and kept until
     1 s later (by then it is frozen if the policy froze at 0.5 s); at each (time, what) of
     ``steps`` the result records whether the cycle is still alive after ``gc.collect()``
-    (``what`` only names the moment)."""
+    (``what`` only names the moment), then calls ``between``."""
     alive: list[bool] = []
 
     async def main() -> None:
@@ -48,6 +52,7 @@ def run(policy: HeapPolicy, steps: Sequence[tuple[float, str]]) -> list[bool]:
                 await trio.sleep_until(at)
                 gc.collect()
                 alive.append(ref() is not None)
+                between()
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=MockClock(autojump_threshold=0))
@@ -58,6 +63,23 @@ def test_a_cycle_frozen_while_alive_survives_collections_until_the_full_collecti
     policy = HeapPolicy(freeze_interval=0.5, full_interval=100)
     steps = [(2, "after two freezes"), (99, "before the full collection"), (101, "after it")]
     assert run(policy, steps) == [True, True, False]
+
+
+def test_a_frozen_heap_that_grows_too_much_is_collected_before_the_interval() -> None:
+    """The first freeze (0.5 s) finds the heap grown from nothing frozen and collects it all;
+    the cycle, still alive, stays frozen and dies at 1 s. After 1.5 s the heap grows by 2 %
+    (lists kept alive), past ``full_after_growth`` 1.01: the freeze at 2 s also runs a full
+    collection, long before ``full_interval``. With a growth factor of 100 the cycle stays."""
+    kept: list[object] = []
+
+    def grow() -> None:
+        kept.extend([] for _ in range(max(gc.get_freeze_count() // 50, 1000)))
+
+    for growth, expected in ((1.01, [True, False]), (100.0, [True, True])):
+        gc.unfreeze()
+        policy = HeapPolicy(freeze_interval=0.5, full_interval=1000, full_after_growth=growth)
+        assert run(policy, [(1.5, "before it grew"), (2.5, "after")], between=grow) == expected
+        kept.clear()
 
 
 def test_a_cycle_that_dies_before_any_freeze_is_collected_at_once() -> None:
@@ -89,10 +111,12 @@ def test_a_full_collection_counts_the_garbage_and_leaves_the_heap_frozen() -> No
         (-1.0, 60.0, "freeze_interval must be 0 or more, not -1.0"),
         (float("nan"), 60.0, "freeze_interval must be 0 or more, not nan"),
         (10.0, 0.0, "full_interval must be more than 0, not 0.0"),
+        (10.0, 60.0, "full_after_growth must be more than 1, not 1.0"),
     ],
 )
 def test_a_policy_with_impossible_intervals_is_refused(
     freeze: float, full: float, message: str
 ) -> None:
+    growth = 1.0 if "growth" in message else 1.5
     with pytest.raises(ValueError, match=message):
-        HeapPolicy(freeze_interval=freeze, full_interval=full)
+        HeapPolicy(freeze_interval=freeze, full_interval=full, full_after_growth=growth)

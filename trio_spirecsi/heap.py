@@ -17,7 +17,11 @@ constant-time call, and the collector then sees only what changed since the last
 Once every ``full_interval`` seconds, :func:`full_collection` unfreezes the heap, runs one
 full collection and freezes it again. A cycle that became garbage after it was frozen, from
 a library or an unusual error path, is thus freed within that time. That single pause is
-the one the interpreter used to pay at every rotation storm.
+the one the interpreter used to pay at every rotation storm. A full collection also runs as
+soon as a freeze finds the frozen heap ``full_after_growth`` times (1.5) as large as after
+the last one, so that garbage frozen faster than expected (a pod making the driver fail
+requests in a loop) cannot grow the process for an hour: like CPython's own rule, but on the
+frozen heap.
 """
 
 from __future__ import annotations
@@ -42,12 +46,16 @@ class HeapPolicy:
     """Seconds between two ``gc.freeze()`` calls (``--gc-freeze-interval``)."""
     full_interval: float = 3600.0
     """Seconds between two full collections of the frozen heap (``--gc-full-interval``)."""
+    full_after_growth: float = 1.5
+    """A full collection also runs once the frozen heap has grown this many times over."""
 
     def __post_init__(self) -> None:
         if not self.freeze_interval >= 0:
             raise ValueError(f"freeze_interval must be 0 or more, not {self.freeze_interval}")
         if not self.full_interval > 0:
             raise ValueError(f"full_interval must be more than 0, not {self.full_interval}")
+        if not self.full_after_growth > 1:
+            raise ValueError(f"full_after_growth must be more than 1, not {self.full_after_growth}")
 
 
 @dataclass(frozen=True)
@@ -78,20 +86,24 @@ async def keep_heap(policy: HeapPolicy) -> None:
         return
     next_freeze = trio.current_time() + policy.freeze_interval
     next_full = trio.current_time() + policy.full_interval
+    after_full = gc.get_freeze_count()  # what the process froze at start-up, if anything
     while True:
         await trio.sleep_until(min(next_freeze, next_full))
         now = trio.current_time()
-        if now >= next_full:
+        if now >= next_freeze:
+            gc.freeze()
+            next_freeze = now + policy.freeze_interval
+        grown = gc.get_freeze_count() > policy.full_after_growth * after_full
+        if now >= next_full or grown:
             collected = full_collection()
+            after_full = gc.get_freeze_count()
             log.event(
                 logger,
                 logging.INFO if collected.unreachable else logging.DEBUG,
                 "heap_collected",
+                reason="growth" if grown else "interval",
                 unreachable=collected.unreachable,
                 ms=round(collected.seconds * 1000, 1),
-                frozen=gc.get_freeze_count(),
+                frozen=after_full,
             )
             next_full = now + policy.full_interval
-        if now >= next_freeze:
-            gc.freeze()
-            next_freeze = now + policy.freeze_interval
