@@ -1,8 +1,8 @@
 """``just bench``: the driver's design targets, measured (not asserted).
 
-The driver runs as its own process (so its memory and CPU are its own), a kubelet-like
-client runs in this process and the dev agent on its own Trio loop in a thread of it
-(:class:`AgentThread`), state folders on a private tmpfs as in production.
+The driver runs as its own process (so its memory and CPU are its own), the dev agent as
+another (:mod:`.agent_process`) and a kubelet-like client in this one, state folders on a
+private tmpfs as in production.
 Beside it runs a minimal driver on grpcio's C-core with threads (:mod:`.ccore_driver`) on the
 same agent: sequential publishes alternate between the two (ours, theirs, ours, ...) so that
 both see the same machine at the same moment, and the table shows both with their ratio.
@@ -40,7 +40,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -49,10 +48,8 @@ from typing import Any
 
 import trio
 
-from trio_spirecsi._proto.spire.api.agent.delegatedidentity.v1 import delegatedidentity_pb2 as di
 from trio_spirecsi.csi.client import CSIClient, Pod, publish_request, volume_context
-from trio_spirecsi.devagent.agent import DevAgent
-from trio_spirecsi.grpc import RpcError, ServerContext, StreamSender, open_channel
+from trio_spirecsi.grpc import RpcError, open_channel
 from trio_spirecsi.metrics import PUBLISH_PHASES
 
 from .workload_api import workload_api_latency
@@ -94,101 +91,87 @@ def _ms(seconds: Sequence[float]) -> str:
     return f"{p50:.1f} ms / {p99:.1f} ms"
 
 
-class TimedDevAgent(DevAgent):
-    """The dev agent, timing its own answer to every SubscribeToX509SVIDs: from the moment
-    its handler starts to the first response handed to its connection."""
+class AgentProcess:
+    """The dev agent in a process of its own (:mod:`.agent_process`), driven over a pipe.
 
-    def __init__(self, trust_domain: str, *, svid_ttl: int) -> None:
-        super().__init__(trust_domain, svid_ttl=svid_ttl)
-        self.answer_seconds: list[float] = []
-
-    async def _subscribe_x509_svids(
-        self,
-        request: di.SubscribeToX509SVIDsRequest,
-        context: ServerContext,
-        send: StreamSender[di.SubscribeToX509SVIDsResponse],
-    ) -> None:
-        started = time.perf_counter()
-        answered = False
-
-        async def timed(response: di.SubscribeToX509SVIDsResponse) -> None:
-            nonlocal answered
-            await send(response)
-            if not answered:
-                answered = True
-                self.answer_seconds.append(time.perf_counter() - started)
-
-        await super()._subscribe_x509_svids(request, context, timed)
-
-
-class AgentThread:
-    """The dev agent on its own Trio loop in a thread of the bench process.
-
-    A real agent is a process of its own. On one loop with the bench's client, the agent's
-    answer to a rotation (a response on each of 1,000 streams, in one scheduler turn)
-    would sit between a publish and the client reading its answer, for either driver.
-    Calls into the agent are scheduled on its loop (:meth:`call`); reading its counters
-    from the bench's thread is fine.
+    A real agent is a process of its own, with cores of its own. In the bench's process, its
+    answer to a rotation (a response on each of 1,000 streams) would share the loop, or the
+    interpreter lock, with the client that times each publish, for either driver. It runs
+    the checkout's dev agent whatever ``--driver-path`` says: both drivers, and every commit
+    compared, meet the same agent.
     """
 
-    def __init__(self, agent: TimedDevAgent) -> None:
-        self.agent = agent
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._nursery: trio.Nursery | None = None
-        self._thread: threading.Thread | None = None
+    def __init__(self, svid_ttl: int) -> None:
+        self.svid_ttl = svid_ttl
+        """The lifetime of the SVIDs it issues (the last one given to a rotation)."""
+        self.proc: trio.Process | None = None
+        self._buffered = b""
+        self._lock = trio.Lock()
 
-    async def start(self, path: str) -> None:
-        ready = threading.Event()
-        self._thread = threading.Thread(
-            target=trio.run, args=(self._run, path, ready), name="dev-agent", daemon=True
+    async def start(self, admin_socket: str) -> None:
+        argv = [sys.executable, "-m", "benchmarks.agent_process", admin_socket, str(self.svid_ttl)]
+        self.proc = await trio.lowlevel.open_process(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=CHECKOUT,
+            env=dict(os.environ, PYTHONPATH=str(CHECKOUT)),
         )
-        self._thread.start()
-        await trio.to_thread.run_sync(ready.wait)
-        if self._token is None:
-            raise RuntimeError("the dev agent did not start; see its traceback above")
+        with trio.fail_after(60):
+            if (line := await self._line()) != "ready":
+                raise RuntimeError(f"the dev agent did not start: {line!r}")
 
-    async def _run(self, path: str, ready: threading.Event) -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self.agent.serve, path)
-                self._token = trio.lowlevel.current_trio_token()
-                self._nursery = nursery
-                ready.set()
-        finally:
-            ready.set()
+    async def _line(self) -> str:
+        assert self.proc is not None and self.proc.stdout is not None
+        while b"\n" not in self._buffered:
+            chunk = await self.proc.stdout.receive_some()
+            if not chunk:
+                raise RuntimeError("the dev agent exited; see its traceback above")
+            self._buffered += chunk
+        line, self._buffered = self._buffered.split(b"\n", 1)
+        return line.decode()
 
-    def call(self, fn: Callable[[], object]) -> None:
-        """Run ``fn`` on the agent's loop, soon (it must not raise)."""
-        assert self._token is not None
-        self._token.run_sync_soon(fn)
+    async def _command(self, *words: str) -> str:
+        assert self.proc is not None and self.proc.stdin is not None
+        async with self._lock:
+            await self.proc.stdin.send_all((" ".join(words) + "\n").encode())
+            answer = await self._line()
+        if answer.startswith("error"):
+            raise RuntimeError(f"dev agent: {answer}")
+        return answer
 
-    def rotate(self, spiffe_id: str | None = None, ttl: int | None = None) -> None:
-        """Re-issue the agent's SVIDs (those of ``spiffe_id``), valid ``ttl`` seconds."""
+    async def rotate(self, spiffe_id: str | None = None) -> None:
+        """Re-issue every SVID (of ``spiffe_id``); returns once they are issued, before the
+        agent's streams send them."""
+        await self._command("rotate", *([spiffe_id] if spiffe_id else []))
 
-        def rotate() -> None:
-            if ttl is not None:
-                self.agent.svid_ttl = ttl
-            self.agent.rotate(spiffe_id)
+    async def rotate_gradually(self, ttl: int) -> None:
+        """Re-issue every SVID, valid ``ttl`` seconds, and wake their streams a few per turn
+        of the agent's loop (:meth:`DevAgent.rotate_gradually`)."""
+        self.svid_ttl = ttl
+        await self._command("rotate_gradually", str(ttl))
 
-        self.call(rotate)
+    async def stats(self) -> dict[str, Any]:
+        """``answers`` (seconds), ``subscribe_count``, ``open_subscriptions``."""
+        found: dict[str, Any] = json.loads(await self._command("stats"))
+        return found
 
-    def rotate_gradually(self, ttl: int) -> None:
-        """Re-issue every SVID, valid ``ttl`` seconds, and wake their subscribers a few per
-        turn of the agent's loop (:meth:`DevAgent.rotate_gradually`)."""
-
-        def rotate() -> None:
-            assert self._nursery is not None
-            self.agent.svid_ttl = ttl
-            self._nursery.start_soon(self.agent.rotate_gradually)
-
-        self.call(rotate)
+    async def until(self, check: Callable[[dict[str, Any]], bool], timeout: float) -> None:
+        """Poll :meth:`stats` every 20 ms until ``check`` holds."""
+        with trio.fail_after(timeout):
+            while not check(await self.stats()):
+                await trio.sleep(0.02)
 
     async def stop(self) -> None:
-        if self._thread is None:
+        if self.proc is None:
             return
-        if self._nursery is not None:
-            self.call(self._nursery.cancel_scope.cancel)
-        await trio.to_thread.run_sync(self._thread.join)
+        if self.proc.stdin is not None:
+            await self.proc.stdin.aclose()
+        with trio.move_on_after(10):
+            await self.proc.wait()
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
 
 
 async def wait_accepting(path: Path, timeout: float = 60) -> None:
@@ -237,8 +220,7 @@ class Bench:
         self.state = root / "state"
         self.kubelet = root / "kubelet"
         self.kubelet.mkdir()
-        self.agent = TimedDevAgent("example.org", svid_ttl=3600)
-        self.agent_thread = AgentThread(self.agent)
+        self.agent = AgentProcess(svid_ttl=3600)
         self.proc: subprocess.Popen[bytes] | None = None
         self.ccore: subprocess.Popen[bytes] | None = None
         self.volumes: list[tuple[str, Path]] = []
@@ -376,15 +358,6 @@ class Bench:
         self.row(f"  event loop during {what}: garbage collection", gcs or "none")
 
 
-async def wait_until(check: Callable[[], bool], timeout: float) -> float:
-    """Seconds until ``check()`` holds (checked every 20 ms, so resolution is 20 ms)."""
-    started = time.perf_counter()
-    with trio.fail_after(timeout):
-        while not check():
-            await trio.sleep(0.02)
-    return time.perf_counter() - started
-
-
 async def startup_rows(bench: Bench) -> None:
     """Driver start-up (empty state folder) and the probes' start-up, each a median."""
     starts = []
@@ -430,7 +403,7 @@ async def compare_rows(bench: Bench, client: CSIClient, ccore: CSIClient, publis
     for _ in range(3):  # warm up both: connections, first calls
         await bench.publish(ccore, theirs)
     before = await bench.scrape()
-    answers = len(bench.agent.answer_seconds)
+    answers = len((await bench.agent.stats())["answers"])
     ours_s: list[float] = []
     theirs_s: list[float] = []
     assert bench.proc is not None and bench.ccore is not None
@@ -443,7 +416,7 @@ async def compare_rows(bench: Bench, client: CSIClient, ccore: CSIClient, publis
     ours_cpu = (cpu_seconds(bench.proc.pid) - cpu[0]) / publishes * 1000
     theirs_cpu = (cpu_seconds(bench.ccore.pid) - cpu[1]) / publishes * 1000
     after = await bench.scrape()
-    agent_s = bench.agent.answer_seconds[answers:]
+    agent_s = (await bench.agent.stats())["answers"][answers:]
     theirs_handler = statistics.mean((await ccore_handler_seconds(bench))[-publishes:]) * 1000
     for volume_id, target in theirs:
         await ccore.unpublish(volume_id, str(target))
@@ -510,7 +483,7 @@ async def storm_rows(
         nonlocal done
         for ttl in itertools.count(first_ttl):
             # The driver counts a rotation when notAfter changes: a new TTL each time.
-            bench.agent_thread.rotate_gradually(ttl)
+            await bench.agent.rotate_gradually(ttl)
             done += 1
             await trio.sleep(every)
 
@@ -565,7 +538,7 @@ async def run(
         f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}"
     )
     try:
-        await bench.agent_thread.start(str(bench.admin))
+        await bench.agent.start(str(bench.admin))
         await startup_rows(bench)
         await bench.start_driver()
         assert bench.proc is not None
@@ -585,8 +558,8 @@ async def run(
                 rows = await workload_api_latency(
                     client,
                     bench.kubelet,
-                    rotate=lambda: bench.agent_thread.rotate(
-                        "spiffe://example.org/ns/bench/sa/socket"
+                    rotate=functools.partial(
+                        bench.agent.rotate, "spiffe://example.org/ns/bench/sa/socket"
                     ),
                 )
             except RpcError as exc:  # an earlier driver: JWT calls limited to 10/s
@@ -617,7 +590,7 @@ async def run(
                 await client.unpublish(volume_id, str(target_path))
         bench.stop(bench.proc)
     finally:
-        await bench.agent_thread.stop()
+        await bench.agent.stop()
         for proc in (bench.proc, bench.ccore):
             if proc and proc.poll() is None:
                 proc.kill()
@@ -661,19 +634,21 @@ async def rotation_row(bench: Bench) -> float:
     live = len(bench.volumes)
     wanted = await bench.counter(ROTATIONS) + live
     started = time.perf_counter()
-    driver_cpu, agent_cpu = cpu_seconds(bench.proc.pid), time.process_time()
-    bench.agent_thread.rotate()
+    assert bench.agent.proc is not None
+    agent_pid = bench.agent.proc.pid
+    driver_cpu, agent_cpu = cpu_seconds(bench.proc.pid), cpu_seconds(agent_pid)
+    await bench.agent.rotate()
     with trio.fail_after(600):
         while await bench.counter(ROTATIONS) < wanted:
             await trio.sleep(0.05)
     took = time.perf_counter() - started
     driver_cpu = cpu_seconds(bench.proc.pid) - driver_cpu
-    agent_cpu = time.process_time() - agent_cpu
+    agent_cpu = cpu_seconds(agent_pid) - agent_cpu
     sample = bench.state / bench.volumes[-1][0] / "data" / "svid.pem"
     assert sample.read_bytes(), "files present after the rotation"
     bench.row(
         f"rotation of all {live} volumes landing on disk",
-        f"{took:.2f} s (CPU: driver {driver_cpu:.1f} s, dev agent and bench {agent_cpu:.1f} s)",
+        f"{took:.2f} s (CPU: driver {driver_cpu:.1f} s, dev agent {agent_cpu:.1f} s)",
     )
     return took
 
@@ -683,13 +658,12 @@ async def restart_row(bench: Bench) -> None:
     live = len(bench.volumes)
     bench.proc.kill()
     bench.proc.wait()
-    await wait_until(lambda: not bench.agent.open_svid_subscriptions, 60)
+    await bench.agent.until(lambda stats: not stats["open_subscriptions"], 60)
     bench.csi.unlink(missing_ok=True)
-    # subscribe_count is a plain counter: cheap to poll, unlike listing the streams.
-    opened = bench.agent.subscribe_count + live
+    opened = (await bench.agent.stats())["subscribe_count"] + live
     restarted = time.perf_counter()
     serving = await bench.start_driver()
-    await wait_until(lambda: bench.agent.subscribe_count >= opened, 300)
+    await bench.agent.until(lambda stats: stats["subscribe_count"] >= opened, 300)
     took = time.perf_counter() - restarted
     bench.row(
         f"restart (kill -9) with {live} volumes: CSI socket accepting / all resubscribed",
@@ -721,9 +695,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         launcher = ("benchmarks.loopstats", args.loop_stats.resolve())
         launcher[1].unlink(missing_ok=True)
     driver_path = args.driver_path.resolve() if args.driver_path else None
-    # The client and the dev agent's thread share this process: hand the GIL over at 1 ms
-    # rather than 5 ms, so that the client's publishes wait as little for the agent.
-    sys.setswitchinterval(0.001)
     trio.run(run, volumes, args.publishes, args.storm_publishes, launcher, driver_path)
 
 

@@ -49,7 +49,7 @@ async def workload_api_latency(
     kubelet_dir: Path,
     *,
     calls: int = 200,
-    rotate: Callable[[], None] | None = None,
+    rotate: Callable[[], Awaitable[None]] | None = None,
     rotations: int = 50,
 ) -> list[tuple[str, str]]:
     """Rows ``(measure, "p50 / p99")`` for the bench table; leaves nothing published.
@@ -166,7 +166,9 @@ def _measure_sds(socket: str, streams: int) -> list[tuple[str, str]]:
     ]
 
 
-async def _push_latency(socket: str, rotate: Callable[[], None], rotations: int) -> tuple[str, str]:
+async def _push_latency(
+    socket: str, rotate: Callable[[], Awaitable[None]], rotations: int
+) -> tuple[str, str]:
     """One open ``default`` stream; the agent rotates; time from the agent's new SVID being
     ready to send until Envoy's stream has the push (agent -> driver -> SDS)."""
     pushed: queue.Queue[float] = queue.Queue()
@@ -191,7 +193,7 @@ async def _push_latency(socket: str, rotate: Callable[[], None], rotations: int)
         await trio.to_thread.run_sync(lambda: pushed.get(timeout=30))
         times = []
         for _ in range(rotations):
-            rotate()  # the dev agent re-issues every SVID it ever issued: not the driver's time
+            await rotate()  # the agent re-issues the SVIDs: not the driver's time
             started = time.perf_counter()
             arrived = await trio.to_thread.run_sync(lambda: pushed.get(timeout=30))
             times.append(arrived - started)

@@ -563,7 +563,7 @@ async def test_a_resumed_volume_waits_for_the_agent_then_answers(
 async def test_latency_benchmark_measures_each_call_and_cleans_up(node: Node) -> None:
     rotations: list[int] = []
 
-    def rotate() -> None:
+    async def rotate() -> None:
         rotations.append(1)
         node.agent.rotate("spiffe://example.org/ns/bench/sa/socket")
 
