@@ -12,7 +12,7 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from trio_spirecsi.heap import HeapPolicy, full_collection, keep_heap
+from trio_spirecsi.heap import HeapPolicy, full_collection, keep_heap, resident_bytes
 
 
 @pytest.fixture(autouse=True)
@@ -65,16 +65,17 @@ def test_a_cycle_frozen_while_alive_survives_collections_until_the_full_collecti
     assert run(policy, steps) == [True, True, False]
 
 
-def test_a_frozen_heap_that_grows_too_much_is_collected_before_the_interval() -> None:
-    """The first freeze (0.5 s) finds the heap grown from nothing frozen and collects it all;
-    the cycle, still alive, stays frozen and dies at 1 s. After 1.5 s the heap grows by 2 %
-    (lists kept alive), past ``full_after_growth`` 1.01: the freeze at 2 s also runs a full
-    collection, long before ``full_interval``. With a growth factor of 100 the cycle stays."""
-    kept: list[object] = []
+def test_a_process_that_grows_too_much_is_collected_before_the_interval() -> None:
+    """The cycle is frozen at 0.5 s and dies at 1 s. After 1.5 s the process's resident
+    memory grows by 2 % (bytes kept alive), past ``full_after_growth`` 1.01: the freeze at
+    2 s also runs a full collection, long before ``full_interval``. With a growth factor of
+    100 the cycle stays."""
+    kept: list[bytes] = []
 
     def grow() -> None:
-        kept.extend([] for _ in range(max(gc.get_freeze_count() // 50, 1000)))
+        kept.append(b"x" * max(resident_bytes() // 50, 1 << 20))
 
+    assert resident_bytes() > 0
     for growth, expected in ((1.01, [True, False]), (100.0, [True, True])):
         gc.unfreeze()
         policy = HeapPolicy(freeze_interval=0.5, full_interval=1000, full_after_growth=growth)

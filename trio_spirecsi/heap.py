@@ -18,16 +18,18 @@ Once every ``full_interval`` seconds, :func:`full_collection` unfreezes the heap
 full collection and freezes it again. A cycle that became garbage after it was frozen, from
 a library or an unusual error path, is thus freed within that time. That single pause is
 the one the interpreter used to pay at every rotation storm. A full collection also runs as
-soon as a freeze finds the frozen heap ``full_after_growth`` times (1.5) as large as after
-the last one, so that garbage frozen faster than expected (a pod making the driver fail
-requests in a loop) cannot grow the process for an hour: like CPython's own rule, but on the
-frozen heap.
+soon as a freeze finds the process's resident memory ``full_after_growth`` times (1.5) what
+it was after the last one, so that garbage frozen faster than expected (a pod making the
+driver fail requests in a loop) cannot grow the process for an hour. (Resident memory, read
+from ``/proc/self/statm``, costs one small read; counting the frozen objects would walk all
+of them at every freeze.)
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -47,7 +49,7 @@ class HeapPolicy:
     full_interval: float = 3600.0
     """Seconds between two full collections of the frozen heap (``--gc-full-interval``)."""
     full_after_growth: float = 1.5
-    """A full collection also runs once the frozen heap has grown this many times over."""
+    """A full collection also runs once resident memory has grown this many times over."""
 
     def __post_init__(self) -> None:
         if not self.freeze_interval >= 0:
@@ -86,17 +88,17 @@ async def keep_heap(policy: HeapPolicy) -> None:
         return
     next_freeze = trio.current_time() + policy.freeze_interval
     next_full = trio.current_time() + policy.full_interval
-    after_full = gc.get_freeze_count()  # what the process froze at start-up, if anything
+    after_full = resident_bytes()
     while True:
         await trio.sleep_until(min(next_freeze, next_full))
         now = trio.current_time()
         if now >= next_freeze:
             gc.freeze()
             next_freeze = now + policy.freeze_interval
-        grown = gc.get_freeze_count() > policy.full_after_growth * after_full
+        grown = resident_bytes() > policy.full_after_growth * after_full
         if now >= next_full or grown:
             collected = full_collection()
-            after_full = gc.get_freeze_count()
+            after_full = resident_bytes()
             log.event(
                 logger,
                 logging.INFO if collected.unreachable else logging.DEBUG,
@@ -104,6 +106,18 @@ async def keep_heap(policy: HeapPolicy) -> None:
                 reason="growth" if grown else "interval",
                 unreachable=collected.unreachable,
                 ms=round(collected.seconds * 1000, 1),
-                frozen=after_full,
+                resident_mib=after_full >> 20,
             )
             next_full = now + policy.full_interval
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_bytes() -> int:
+    """The process's resident memory now (0 where ``/proc`` cannot tell)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
