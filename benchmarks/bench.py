@@ -576,8 +576,8 @@ async def run(
                 f"{(rss - base_rss) / (live - 1) / 1024:.1f} KiB (total {rss >> 20} MiB)",
             )
 
-            # The first window holds the heap policy's one full collection after the volumes
-            # grew (at its next freeze, within 10 s); the second is the steady state.
+            # Two windows: if the volumes grew the driver's memory by half, the heap policy
+            # runs one full collection at its next freeze (within 10 s), in the first one.
             for window in ("first", "next"):
                 cpu0 = cpu_seconds(bench.proc.pid)
                 await trio.sleep(10)
