@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import textwrap
@@ -283,3 +284,37 @@ async def test_the_socket_file_appears_only_once_the_server_accepts(sock_dir: Pa
         finally:
             probe.close()
         nursery.cancel_scope.cancel()
+
+
+async def test_closed_connections_leave_no_garbage_cycle(sock_dir: Path) -> None:
+    """Both ends of a closed connection are freed by reference counting, none by the cycle
+    collector: the driver freezes its heap (trio_spirecsi.heap), and a connection frozen
+    while open (a pod's, the kubelet's) would otherwise stay until a full collection."""
+
+    async def info(request: csi.GetPluginInfoRequest, ctx: ServerContext) -> Any:
+        return csi.GetPluginInfoResponse(name="csi.spire.io")
+
+    server = Server(ServerLimits())
+    server.add_unary(methods.GET_PLUGIN_INFO, info)
+    path = sock_dir / "s.sock"
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        async with serving(server, path):
+            for _ in range(5):
+                async with open_channel(str(path)) as channel:
+                    await channel.unary(methods.GET_PLUGIN_INFO, csi.GetPluginInfoRequest())
+            await eventually(lambda: server.open_connections == 0, "server side closed", 10)
+            gc.collect()  # while the server still serves: its connections' garbage only
+            engine = ("h2.", "hpack.", "hyperframe.", "trio_spirecsi.grpc.")
+            left = {
+                type(o).__qualname__
+                for o in gc.garbage
+                if f"{type(o).__module__}.".startswith(engine)
+            }
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == set()

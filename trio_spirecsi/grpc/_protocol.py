@@ -275,6 +275,18 @@ def _frame_name(frame_type: int) -> str:
     return f"unknown (type {frame_type})"
 
 
+class _Now:
+    """A monotonic time that its owner moves forward and budgets read."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def __call__(self) -> float:
+        return self.value
+
+
 class FrameScanner:
     """Splits received bytes into whole frames and enforces limits frame header by header.
 
@@ -293,16 +305,15 @@ class FrameScanner:
         self._block: tuple[int, int, int] | None = None  # stream, frames, bytes of a block
         self._settings_seen = False
         self._highest_stream = 0
-        self._now = 0.0
+        # The budgets read the time through their own holder, not through a method of the
+        # scanner: no reference cycle, so a closed connection is freed by reference counting.
+        self._now = _Now()
         self._control = TokenBucket(
-            limits.control_frames_per_second, limits.control_frame_burst, clock=self._clock
+            limits.control_frames_per_second, limits.control_frame_burst, clock=self._now
         )
         self._streams = TokenBucket(
-            limits.new_streams_per_second, limits.new_stream_burst, clock=self._clock
+            limits.new_streams_per_second, limits.new_stream_burst, clock=self._now
         )
-
-    def _clock(self) -> float:
-        return self._now
 
     @property
     def handshake_done(self) -> bool:
@@ -314,7 +325,7 @@ class FrameScanner:
 
         Raises Violation at the first frame header that breaks a rule.
         """
-        self._now = max(self._now, now)
+        self._now.value = max(self._now.value, now)
         frames: list[bytes] = []
         if self._preface:
             size = min(len(self._preface), len(data))
@@ -636,6 +647,13 @@ class ProtocolCore:
     def data_to_send(self) -> bytes:
         data: bytes = self.h2.data_to_send()
         return data
+
+    def release(self) -> None:
+        """The connection is over: break h2's one reference cycle (its table of frame
+        handlers holds bound methods of the connection), so that reference counting frees
+        the whole connection at once and the cycle collector never has to find it. Nothing
+        may be received afterwards."""
+        self.h2._frame_dispatch_table = {}
 
     # -- receiving
 

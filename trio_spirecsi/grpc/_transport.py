@@ -176,6 +176,7 @@ class Transport:
             self.notify()
             with trio.CancelScope(shield=True):
                 await self._close()
+            self.core.release()
             self._log(end)
             if end.kind is not None:
                 self.report(end.kind)
