@@ -4,12 +4,13 @@ CPython's cyclic collector runs a full collection, which examines every tracked 
 whenever a quarter of the old objects have been replaced since the last one. A volume keeps
 about 115 tracked objects (mostly its tasks' coroutines and waiting objects), and a rotation
 replaces about a fifth of them, because each woken task builds new waiting objects when it
-sleeps again. So a rotation of every volume at once paid for a full collection: 40-65 ms at
+sleeps again. So a rotation of every volume at once paid for a full collection: 40-100 ms at
 1,000 volumes, ten times that at 10,000, holding the event loop while publishes waited.
 
 The driver's volumes make no reference cycles in their life. Publish, rotation and
 unpublish were measured with ``gc.DEBUG_SAVEALL``: no garbage cycle, whatever the number of
-volumes. What outlives a few seconds is volume state, and reference counting frees it. So
+volumes. Nor do its gRPC connections once closed (``tests/test_grpc_loopback.py`` checks).
+What outlives a few seconds is volume state, and reference counting frees it. So
 :func:`keep_heap` freezes the heap every ``freeze_interval`` seconds. ``gc.freeze()`` moves
 every live object to the permanent generation, which no collection examines. It is a
 constant-time call, and the collector then sees only what changed since the last freeze.
