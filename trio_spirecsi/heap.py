@@ -83,8 +83,8 @@ def full_collection() -> Collected:
 
 
 async def keep_heap(policy: HeapPolicy) -> None:
-    """Apply ``policy`` until cancelled: one timer for the whole process, no work when idle
-    beyond a constant-time call every ``freeze_interval`` seconds."""
+    """Apply ``policy`` until cancelled: one timer for the whole process; when idle, no work
+    beyond a constant-time call and one small read every ``freeze_interval`` seconds."""
     if policy.freeze_interval == 0:
         return
     next_freeze = trio.current_time() + policy.freeze_interval
