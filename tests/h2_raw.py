@@ -11,7 +11,7 @@ import contextlib
 import errno
 import struct
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 import trio
@@ -217,6 +217,14 @@ class RawPeer:
         self._buffer += data
         await self._parse()
         return True
+
+    async def incoming(self) -> AsyncIterator[Any]:
+        """Every frame the peer sends from now on, as it arrives, until it closes."""
+        handled = len(self.frames)
+        while await self.receive():
+            while handled < len(self.frames):
+                handled += 1
+                yield self.frames[handled - 1]
 
     async def _parse(self) -> bool:
         """Turn buffered bytes into frames; True if there was at least one."""

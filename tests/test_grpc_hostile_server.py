@@ -64,18 +64,15 @@ class FakeAgent:
         peer = RawPeer(stream)
         async with stream:
             await peer.accept_client()
-            handled = 0
-            while await peer.receive():
-                for frame in peer.frames[handled:]:
-                    handled += 1
-                    if isinstance(frame, GoAwayFrame):
-                        self.goaways.append(frame.error_code)
-                    ended = isinstance(frame, (HeadersFrame, DataFrame))
-                    if ended and "END_STREAM" in frame.flags:
-                        try:
-                            await self._respond(peer, frame.stream_id)
-                        except (trio.BrokenResourceError, OSError):
-                            return
+            async for frame in peer.incoming():
+                if isinstance(frame, GoAwayFrame):
+                    self.goaways.append(frame.error_code)
+                ended = isinstance(frame, (HeadersFrame, DataFrame))
+                if ended and "END_STREAM" in frame.flags:
+                    try:
+                        await self._respond(peer, frame.stream_id)
+                    except (trio.BrokenResourceError, OSError):
+                        return
 
     async def _respond(self, peer: RawPeer, sid: int) -> None:
         head: list[tuple[str, str | bytes]] = [

@@ -64,24 +64,19 @@ class BurstAgent:
 
     async def _serve(self, peer: RawPeer) -> None:
         await peer.accept_client()
-        handled = 0
-        while await peer.receive():
-            for frame in peer.frames[handled:]:
-                handled += 1
-                if isinstance(frame, HeadersFrame):
-                    path = frame.decoded[":path"]
-                    if path == SUBSCRIBE_PATH:
-                        self.subscriptions.append(frame.stream_id)
-                        await peer.send(
-                            peer.headers(frame.stream_id, RESPONSE_HEADERS),
-                            peer.data(frame.stream_id, update(1)),
-                        )
-                    else:
-                        await peer.send(*self._burst_then_answer(peer, frame.stream_id))
-                        if not self.answer:
-                            return
-                elif isinstance(frame, DataFrame):
-                    continue
+        async for frame in peer.incoming():
+            if isinstance(frame, HeadersFrame):
+                path = frame.decoded[":path"]
+                if path == SUBSCRIBE_PATH:
+                    self.subscriptions.append(frame.stream_id)
+                    await peer.send(
+                        peer.headers(frame.stream_id, RESPONSE_HEADERS),
+                        peer.data(frame.stream_id, update(1)),
+                    )
+                else:
+                    await peer.send(*self._burst_then_answer(peer, frame.stream_id))
+                    if not self.answer:
+                        return
 
     def _burst_then_answer(self, peer: RawPeer, sid: int) -> list[DataFrame | HeadersFrame]:
         frames: list[DataFrame | HeadersFrame] = []
