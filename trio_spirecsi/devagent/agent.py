@@ -210,11 +210,7 @@ class DevAgent:
     def rotate(self, spiffe_id: str | None = None) -> None:
         """Re-issue every cached SVID now (only those of ``spiffe_id`` if given); their
         subscribers get the new ones."""
-        cached = [c for c in self._cache.values() if spiffe_id in (None, c.entry.spiffe_id)]
-        for item in cached:
-            self._store(item.entry)
-        self._log_rotation(spiffe_id or "all", len(cached))
-        self._wake(w for ws in self._svid_watchers.values() for w in ws)
+        self._wake(self._reissue(spiffe_id))
 
     async def rotate_gradually(self, per_turn: int = 32) -> None:
         """:meth:`rotate` every cached SVID, then wake the subscribers ``per_turn`` at a time
@@ -224,14 +220,19 @@ class DevAgent:
         such as a new subscription's first answer."""
         if per_turn < 1:
             raise ValueError(f"per_turn must be 1 or more, not {per_turn}")
-        cached = list(self._cache.values())
-        for item in cached:
-            self._store(item.entry)
-        self._log_rotation("all", len(cached))
-        watchers = [w for ws in self._svid_watchers.values() for w in ws]
+        watchers = self._reissue(None)
         for start in range(0, len(watchers), per_turn):
             self._wake(watchers[start : start + per_turn])
             await trio.lowlevel.checkpoint()
+
+    def _reissue(self, spiffe_id: str | None) -> list[_Watcher]:
+        """Issue new SVIDs for the cache (those of ``spiffe_id``); every SVID subscriber, to
+        be woken (a stream whose SVIDs did not change sends nothing)."""
+        cached = [c for c in self._cache.values() if spiffe_id in (None, c.entry.spiffe_id)]
+        for item in cached:
+            self._store(item.entry)
+        self._log_rotation(spiffe_id or "all", len(cached))
+        return [w for ws in self._svid_watchers.values() for w in ws]
 
     def rotate_ca(self, *, keep_old: bool = False) -> None:
         """Replace the local CA: the bundle changes and every cached SVID is re-issued.
