@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import pytest
 import trio
@@ -121,3 +122,13 @@ def test_a_policy_with_impossible_intervals_is_refused(
     growth = 1.0 if "growth" in message else 1.5
     with pytest.raises(ValueError, match=message):
         HeapPolicy(freeze_interval=freeze, full_interval=full, full_after_growth=growth)
+
+
+def test_resident_memory_that_cannot_be_read_turns_the_growth_rule_off(tmp_path: Path) -> None:
+    assert resident_bytes() > 1 << 20
+    garbled = tmp_path / "statm"
+    garbled.write_bytes(b"12")
+    assert resident_bytes(str(garbled)) == 0
+    assert resident_bytes(str(tmp_path / "missing")) == 0
+    assert resident_bytes(str(tmp_path)) == 0  # a folder: IsADirectoryError
+    # With 0 before and after, 0 > 1.5 * 0 never holds: no growth collection, no failure.
