@@ -287,9 +287,10 @@ async def test_the_socket_file_appears_only_once_the_server_accepts(sock_dir: Pa
 
 
 async def test_closed_connections_leave_no_garbage_cycle(sock_dir: Path) -> None:
-    """Both ends of a closed connection are freed by reference counting, none by the cycle
-    collector: the driver freezes its heap (trio_spirecsi.heap), and a connection frozen
-    while open (a pod's, the kubelet's) would otherwise stay until a full collection."""
+    """Both ends of a closed connection, and a connection a hostile client broke, are freed
+    by reference counting, none by the cycle collector: the driver freezes its heap
+    (trio_spirecsi.heap), and a connection frozen while open (a pod's, the kubelet's) would
+    otherwise stay until a full collection."""
 
     async def info(request: csi.GetPluginInfoRequest, ctx: ServerContext) -> Any:
         return csi.GetPluginInfoResponse(name="csi.spire.io")
@@ -305,6 +306,14 @@ async def test_closed_connections_leave_no_garbage_cycle(sock_dir: Path) -> None
             for _ in range(5):
                 async with open_channel(str(path)) as channel:
                     await channel.unary(methods.GET_PLUGIN_INFO, csi.GetPluginInfoRequest())
+            # A hostile client too: its connection fails, the next one is served.
+            async with await trio.open_unix_socket(str(path)) as junk:
+                await junk.send_all(b"GET / HTTP/1.1\r\n\r\n" * 10)
+                with trio.fail_after(10):
+                    while await junk.receive_some():
+                        pass  # until the server closes it
+            async with open_channel(str(path)) as channel:
+                answer = await channel.unary(methods.GET_PLUGIN_INFO, csi.GetPluginInfoRequest())
             await eventually(lambda: server.open_connections == 0, "server side closed", 10)
             gc.collect()  # while the server still serves: its connections' garbage only
             engine = ("h2.", "hpack.", "hyperframe.", "trio_spirecsi.grpc.")
@@ -317,4 +326,5 @@ async def test_closed_connections_leave_no_garbage_cycle(sock_dir: Path) -> None
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
+    assert answer.name == "csi.spire.io"
     assert left == set()
