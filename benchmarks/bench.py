@@ -334,16 +334,19 @@ class Bench:
         if self.launcher is None or self.proc is None:
             return
         module, out = self.launcher
+        if module != "benchmarks.loopstats":
+            self.proc.send_signal(signal.SIGUSR2)
+            return
         lines = out.read_text().count("\n") if out.exists() else 0
         self.proc.send_signal(signal.SIGUSR2)
-        if module != "benchmarks.loopstats":
-            return
         with trio.fail_after(10):
             while not out.exists() or out.read_text().count("\n") == lines:
                 await trio.sleep(0.05)
         stats = json.loads(out.read_text().splitlines()[-1])
         gcs = ", ".join(
-            f"gen{g} {v['pauses']}x max {v['max_ms']:.1f} ms" for g, v in stats["gc"].items()
+            f"gen{g} {v['pauses']}x max {v['max_ms']:.1f} ms (total {v['total_ms']:.0f} ms, "
+            f"up to {v['max_objects']} objects)"
+            for g, v in stats["gc"].items()
         )
         self.row(
             f"  event loop during {what}: turns p50 / p99 / max",

@@ -46,6 +46,7 @@ class LoopStats(trio.abc.Instrument):
         self.longest_step = (0.0, "")
         self.gc_pauses: dict[int, list[float]] = {}
         self.gc_started = 0.0
+        self.gc_examined: dict[int, list[int]] = {}
 
     # trio.abc.Instrument
 
@@ -75,6 +76,10 @@ class LoopStats(trio.abc.Instrument):
 
     def on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
+            if self.on:
+                generation = info["generation"]
+                examined = sum(len(gc.get_objects(g)) for g in range(generation + 1))
+                self.gc_examined.setdefault(generation, []).append(examined)
             self.gc_started = time.perf_counter()
         elif self.on:
             pause = time.perf_counter() - self.gc_started
@@ -101,7 +106,12 @@ class LoopStats(trio.abc.Instrument):
                 for name, seconds in sorted(self.step_seconds.items(), key=lambda i: -i[1])[:8]
             },
             "gc": {
-                str(generation): {"pauses": len(p), "max_ms": max(p) * 1000}
+                str(generation): {
+                    "pauses": len(p),
+                    "max_ms": max(p) * 1000,
+                    "total_ms": sum(p) * 1000,
+                    "max_objects": max(self.gc_examined.get(generation, [0])),
+                }
                 for generation, p in sorted(self.gc_pauses.items())
             },
             "tracked_objects": len(gc.get_objects()),
