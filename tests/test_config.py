@@ -105,10 +105,14 @@ def test_pod_socket_limits_default_to_the_untrusted_server_limits() -> None:
 
 def test_the_heap_policy_defaults_and_flags() -> None:
     assert parse_serve(REQUIRED, environ={}).heap == HeapPolicy(10.0, 3600.0)
+    assert parse_serve(REQUIRED, environ={}).heap.freeze_after_rewrites == 64
     settings = parse_serve(
-        [*REQUIRED, "--gc-freeze-interval", "0"], environ={"TRIO_SPIRECSI_GC_FULL_INTERVAL": "60"}
+        [*REQUIRED, "--gc-freeze-interval", "0", "--gc-freeze-rewrites", "0"],
+        environ={"TRIO_SPIRECSI_GC_FULL_INTERVAL": "60"},
     )
-    assert settings.heap == HeapPolicy(freeze_interval=0.0, full_interval=60.0)
+    assert settings.heap == HeapPolicy(
+        freeze_interval=0.0, full_interval=60.0, freeze_after_rewrites=0
+    )
 
 
 def test_every_pod_socket_limit_has_a_flag_and_an_environment_variable() -> None:
@@ -147,6 +151,7 @@ def test_every_pod_socket_limit_has_a_flag_and_an_environment_variable() -> None
         (["--keep-set-aside", "-1"], "--keep-set-aside '-1': must be 0 or more"),
         (["--gc-freeze-interval", "-5"], "--gc-freeze-interval '-5': must be 0 or more"),
         (["--gc-full-interval", "0"], "--gc-full-interval '0': must be more than 0"),
+        (["--gc-freeze-rewrites", "1.5"], "--gc-freeze-rewrites '1.5': give a whole number"),
         (["--gc-full-interval", "inf"], "--gc-full-interval 'inf': must be more than 0"),
     ],
 )

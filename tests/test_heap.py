@@ -1,6 +1,7 @@
-"""The heap policy (``--gc-freeze-interval``, ``--gc-full-interval``): what is alive at a
-freeze is left alone by every collection until the next full collection, which frees what
-became garbage in between; with the policy off, the interpreter collects as usual."""
+"""The heap policy (``--gc-freeze-interval``, ``--gc-full-interval``, ``--gc-freeze-rewrites``):
+what is alive at a freeze is left alone by every collection until the next full collection,
+which frees what became garbage in between; with the policy off, the interpreter collects as
+usual."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from trio_spirecsi.heap import HeapPolicy, full_collection, keep_heap, resident_bytes
+from tests.harness import eventually, open_node, read_identity
+from trio_spirecsi.heap import HeapKeeper, HeapPolicy, full_collection, resident_bytes
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +38,7 @@ def run(
     steps: Sequence[tuple[float, str]],
     between: Callable[[], None] = lambda: None,
 ) -> list[bool]:
-    """Run ``keep_heap(policy)`` in virtual time. A cycle is made at 0 s and kept until
+    """Run ``HeapKeeper(policy).run()`` in virtual time. A cycle is made at 0 s and kept until
     1 s later (by then it is frozen if the policy froze at 0.5 s); at each (time, what) of
     ``steps`` the result records whether the cycle is still alive after ``gc.collect()``
     (``what`` only names the moment), then calls ``between``."""
@@ -44,7 +46,7 @@ def run(
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(keep_heap, policy)
+            nursery.start_soon(HeapKeeper(policy).run)
             cycle = Cycle()
             ref = weakref.ref(cycle)
             await trio.sleep(1)
@@ -95,6 +97,56 @@ def test_with_the_policy_off_nothing_is_frozen() -> None:
     assert gc.get_freeze_count() == 0
 
 
+def test_a_run_of_rewrites_freezes_the_heap_whatever_the_time() -> None:
+    keeper = HeapKeeper(HeapPolicy(freeze_interval=3600, freeze_after_rewrites=3))
+    cycle = Cycle()
+    ref = weakref.ref(cycle)
+    keeper.rewritten()
+    keeper.rewritten()
+    assert gc.get_freeze_count() == 0
+    keeper.rewritten()
+    assert gc.get_freeze_count() > 0
+    del cycle
+    gc.collect()
+    assert ref() is not None  # alive at the freeze: left to the next full collection
+    gc.unfreeze()
+    # The count starts again from the freeze.
+    keeper.rewritten()
+    keeper.rewritten()
+    assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        HeapPolicy(freeze_interval=0, freeze_after_rewrites=1),
+        HeapPolicy(freeze_interval=10, freeze_after_rewrites=0),
+    ],
+    ids=["policy off", "timer only"],
+)
+def test_rewrites_freeze_nothing_when_the_policy_says_so(policy: HeapPolicy) -> None:
+    keeper = HeapKeeper(policy)
+    for _ in range(100):
+        keeper.rewritten()
+    assert gc.get_freeze_count() == 0
+
+
+async def test_the_driver_freezes_its_heap_after_a_run_of_rotations(tmp_path: Path) -> None:
+    """Through the daemon's wiring: rotations leaving the rewrite lane are what is counted
+    (a publish's own first write is not), and the timer is an hour away."""
+    async with open_node(tmp_path / "n") as node:
+        policy = HeapPolicy(freeze_interval=3600, freeze_after_rewrites=3)
+        await node.start_driver(heap=policy)
+        published = [await node.publish(node.pod(f"web-{i}")) for i in range(3)]
+        serials = {target: read_identity(target).serial for _, target in published}
+        gc.unfreeze()
+        node.agent.rotate()
+        await eventually(
+            lambda: all(read_identity(t).serial != s for t, s in serials.items()), "rotated"
+        )
+        assert gc.get_freeze_count() > 0
+
+
 def test_a_full_collection_counts_the_garbage_and_leaves_the_heap_frozen() -> None:
     cycle = Cycle()
     ref = weakref.ref(cycle)
@@ -114,14 +166,21 @@ def test_a_full_collection_counts_the_garbage_and_leaves_the_heap_frozen() -> No
         (float("nan"), 60.0, "freeze_interval must be 0 or more, not nan"),
         (10.0, 0.0, "full_interval must be more than 0, not 0.0"),
         (10.0, 60.0, "full_after_growth must be more than 1, not 1.0"),
+        (10.0, 60.0, "freeze_after_rewrites must be 0 or more, not -1"),
     ],
 )
 def test_a_policy_with_impossible_intervals_is_refused(
     freeze: float, full: float, message: str
 ) -> None:
     growth = 1.0 if "growth" in message else 1.5
+    rewrites = -1 if "rewrites" in message else 64
     with pytest.raises(ValueError, match=message):
-        HeapPolicy(freeze_interval=freeze, full_interval=full, full_after_growth=growth)
+        HeapPolicy(
+            freeze_interval=freeze,
+            full_interval=full,
+            full_after_growth=growth,
+            freeze_after_rewrites=rewrites,
+        )
 
 
 def test_resident_memory_that_cannot_be_read_turns_the_growth_rule_off(tmp_path: Path) -> None:

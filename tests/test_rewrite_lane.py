@@ -64,6 +64,20 @@ async def test_a_rewrite_waits_no_longer_than_max_wait(
     assert lane.publishing == 1
 
 
+async def test_every_rewrite_leaving_the_lane_is_reported_even_a_failed_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    left: list[str] = []
+    lane = RewriteLane(after_write=lambda: left.append("left"))
+    log: list[str] = []
+    await _rewrite(lane, log, "rotation")
+    assert left == ["left"]
+    with pytest.raises(OSError, match="disk full"):
+        async with lane:
+            raise OSError("disk full")
+    assert left == ["left", "left"]
+
+
 def test_limits_out_of_range_are_refused() -> None:
     with pytest.raises(ValueError, match="max_wait"):
         RewriteLane(max_wait=-1)

@@ -254,6 +254,13 @@ _FLAGS = (
         "seconds between two full garbage collections of the frozen heap",
         _shown(HeapPolicy.full_interval),
     ),
+    _Flag(
+        "gc-freeze-rewrites",
+        "also freeze the heap after this many volume rewrites (rotations) since the last "
+        "freeze, so that young garbage collections during a rotation storm stay short "
+        "(0: only on the timer)",
+        _shown(HeapPolicy.freeze_after_rewrites),
+    ),
 )
 
 SERVE_FLAGS: frozenset[str] = frozenset("--" + f.name for f in _FLAGS)
@@ -420,8 +427,9 @@ def _validate(v: _Values) -> Settings:
     )
     keep = int(_number(v, "keep-set-aside", int, allow_zero=True))
     heap = HeapPolicy(
-        _number(v, "gc-freeze-interval", float, allow_zero=True),
-        _number(v, "gc-full-interval", float),
+        freeze_interval=_number(v, "gc-freeze-interval", float, allow_zero=True),
+        full_interval=_number(v, "gc-full-interval", float),
+        freeze_after_rewrites=int(_number(v, "gc-freeze-rewrites", int, allow_zero=True)),
     )
     return Settings(
         csi_socket=csi_socket,

@@ -31,7 +31,7 @@ from .config import Settings
 from .csi.identity import IdentityService
 from .csi.node import NodeService
 from .grpc import ClientLimits, Server, ServerLimits, open_channel
-from .heap import keep_heap
+from .heap import HeapKeeper
 from .httpserver import open_listeners, parse_addr, serve_http
 from .metrics import Metrics
 from .spire.agent import AgentClient
@@ -101,7 +101,8 @@ async def _serve(
         agent = AgentClient(channel, settings.admin_socket, metrics)
         async with trio.open_nursery() as nursery:
             await nursery.start(agent.run)
-            nursery.start_soon(keep_heap, settings.heap)
+            heap = HeapKeeper(settings.heap)
+            nursery.start_soon(heap.run)
             registry = Registry(
                 store=store,
                 mounter=mounter,
@@ -119,6 +120,7 @@ async def _serve(
                     on_error=count_error,
                     metrics=metrics,
                 ),
+                after_rewrite=heap.rewritten,
             )
             await nursery.start(registry.run)
             node = NodeService(

@@ -113,12 +113,19 @@ class RewriteLane:
     (between :meth:`publish_started` and :meth:`publish_ended`) the next writes wait for it
     to end, for at most ``max_wait`` seconds (0.1), so that a publish meets as little of
     other volumes' work as possible while no rotation is held up for long. A publish's own
-    first write never goes through the lane.
+    first write never goes through the lane. ``after_write`` is called as each write leaves
+    the lane (the daemon's :meth:`~trio_spirecsi.heap.HeapKeeper.rewritten`).
     """
 
-    __slots__ = ("_idle", "_turns", "max_wait", "per_turn", "publishing")
+    __slots__ = ("_after_write", "_idle", "_turns", "max_wait", "per_turn", "publishing")
 
-    def __init__(self, *, per_turn: int = 3, max_wait: float = 0.1) -> None:
+    def __init__(
+        self,
+        *,
+        per_turn: int = 3,
+        max_wait: float = 0.1,
+        after_write: Callable[[], None] = lambda: None,
+    ) -> None:
         if per_turn < 1:
             raise ValueError(f"per_turn must be 1 or more, not {per_turn}")
         if not max_wait >= 0:
@@ -126,6 +133,7 @@ class RewriteLane:
         self.per_turn = per_turn
         self.max_wait = max_wait
         self.publishing = 0
+        self._after_write = after_write
         self._turns = trio.Semaphore(per_turn)
         self._idle = trio.Event()
         self._idle.set()
@@ -152,6 +160,7 @@ class RewriteLane:
 
     async def __aexit__(self, *exc: object) -> None:
         self._turns.release()
+        self._after_write()
 
 
 class Phase(enum.Enum):
