@@ -11,9 +11,10 @@ import sys
 import textwrap
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.h2_raw import PREFACE, deflate_bomb, grpc_message, raw_frame, request_headers
@@ -30,6 +31,8 @@ from trio_spirecsi.grpc._protocol import (
 )
 from trio_spirecsi.grpc._purerpc import BadMessage, MessageReader, MessageTooLarge
 from trio_spirecsi.grpc.limits import WireLimits
+
+_END_STREAM_FLAG = 0x1
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "trio_spirecsi"
@@ -331,3 +334,126 @@ def test_a_client_with_thousands_of_open_streams_opens_one_more_without_scanning
     opened = [core.open_stream(request_headers("/a.B/C")) for _ in range(2000)]
     assert opened == list(range(1, 4000, 2))
     assert scans <= 12
+
+
+def _client_with_streams() -> ProtocolCore:
+    """A client core (the agent connection's side) with small windows (streams 40,005
+    bytes, the connection HTTP/2's 65,535), its SETTINGS acknowledged; streams 1, 3 and 5 answered
+    with response headers (5's with a content-length), 7 opened and not answered yet, 9
+    half-closed by the client before any answer, 11 reset by the client."""
+    from hpack import Encoder
+
+    limits = ClientLimits(max_response_bytes=40_000, stream_window=40_005, connection_window=1)
+    core = ProtocolCore(client_side=True, limits=WireLimits.for_client(limits))
+    core.initiate()
+    core.receive(raw_frame(0x4, 0, 0, b"") + raw_frame(0x4, 0x1, 0, b""), now=0.0)
+    for sid in (1, 3, 5, 7, 9, 11):
+        assert core.open_stream(request_headers("/a.B/C")) == sid
+        if sid == 9:
+            core.send_data(sid, b"", end_stream=True)
+    encoder = Encoder()
+    for sid in (1, 3, 5):
+        headers = [(":status", "200"), ("content-type", "application/grpc")]
+        if sid == 5:
+            headers.append(("content-length", "12"))
+        core.receive(raw_frame(0x1, 0x4, sid, encoder.encode(headers)), now=0.0)
+    core.reset(11)
+    return core
+
+
+DATA_STEPS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("data"),
+            st.sampled_from([1, 3, 5, 7, 9, 11, 13]),
+            st.sampled_from([0x0, 0x0, 0x0, _END_STREAM_FLAG, 0x8, 0x9]),
+            st.integers(0, 16_000),
+        ),
+        st.tuples(
+            st.just("ack"), st.sampled_from([1, 3, 5, 9]), st.just(0), st.integers(0, 30_000)
+        ),
+        st.tuples(st.just("reset"), st.sampled_from([1, 3, 5, 9]), st.just(0), st.just(0)),
+        st.tuples(st.just("rst_stream"), st.sampled_from([1, 3, 9]), st.just(0), st.just(0)),
+        st.tuples(st.just("goaway"), st.sampled_from([0, 1, 3]), st.just(0), st.just(0)),
+    ),
+    max_size=30,
+)
+
+
+_FULL = ("data", 1, 0, 16_000)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(steps=DATA_STEPS)
+@example(steps=[_FULL, _FULL, _FULL])  # the stream's window exceeded
+# the connection's window exceeded, no stream's
+@example(steps=[_FULL, _FULL, ("data", 3, 0, 16_000), ("data", 3, 0, 16_000), ("data", 1, 0, 3000)])
+@example(steps=[_FULL, ("ack", 1, 0, 8000), _FULL, ("reset", 1, 0, 0), _FULL])
+@example(steps=[("goaway", 3, 0, 0), _FULL, ("data", 3, 0, 100)])
+def test_the_fast_data_path_does_exactly_what_h2_does(
+    steps: list[tuple[str, int, int, int]],
+) -> None:
+    """Received DATA frames skip h2's per-frame machinery where they can: the same events,
+    the same bytes sent back (WINDOW_UPDATE, RST_STREAM, GOAWAY) and the same windows as a
+    core that hands every frame to h2, whatever the frames, the streams' states and the
+    windows (exceeded ones included)."""
+    fast, reference = _client_with_streams(), _client_with_streams()
+    reference._receive_data = lambda frame, out: False  # type: ignore[method-assign]
+    for core in (fast, reference):
+        core.data_to_send()
+    # Each stream's DATA is one 40,000-byte message after another (whatever the frames),
+    # so that unacknowledged bytes pile up to the windows.
+    left: dict[int, int] = {}
+    for step, sid, flags, size in steps:
+        results = []
+        if step == "data":
+            body = b""
+            while len(body) < size:
+                if not left.get(sid):
+                    body += b"\x00" + (40_000).to_bytes(4, "big")
+                    left[sid] = 40_000
+                take = min(size - len(body), left[sid])
+                body += b"m" * take
+                left[sid] -= take
+            if flags & 0x8:
+                body = b"\x00" + body
+        for core in (fast, reference):
+            if step == "data":
+                events = core.receive(raw_frame(0x0, flags, sid, body), now=0.0)
+            elif step == "ack":
+                core.ack(sid, size)
+                events = []
+            elif step == "reset":
+                core.reset(sid)
+                events = []
+            elif step == "rst_stream":
+                events = core.receive(raw_frame(0x3, 0, sid, struct.pack(">I", 8)), now=0.0)
+            else:  # GOAWAY letting streams up to ``sid`` finish
+                events = core.receive(raw_frame(0x7, 0, 0, struct.pack(">II", sid, 0)), now=0.0)
+            results.append((events, core.data_to_send()))
+        assert results[0] == results[1]
+    for core in (fast, reference):
+        assert core.h2.inbound_flow_control_window == reference.h2.inbound_flow_control_window
+    for sid, stream in reference.h2.streams.items():
+        other = fast.h2.streams[sid]
+        assert other.state_machine.state == stream.state_machine.state
+        assert other.inbound_flow_control_window == stream.inbound_flow_control_window
+
+
+def test_the_fast_data_path_carries_the_bulk_of_an_agent_connection() -> None:
+    """Every SVID update is one DATA frame on an open stream: none of them reaches h2's
+    frame handling."""
+    core = _client_with_streams()
+    handled = 0
+    original = core.h2.receive_data
+
+    def counted(data: bytes) -> Any:
+        nonlocal handled
+        handled += 1
+        return original(data)
+
+    core.h2.receive_data = counted
+    frames = b"".join(raw_frame(0x0, 0, sid, grpc_message(b"svid")) for sid in (1, 3) * 10)
+    events = core.receive(frames, now=0.0)
+    assert [e.stream_id for e in events if isinstance(e, MessageReceived)] == [1, 3] * 10
+    assert handled == 0

@@ -12,7 +12,9 @@ Received bytes meet three layers, in this order:
    already closed and forgotten is not a connection error; a stream beyond
    MAX_CONCURRENT_STREAMS is refused with RST_STREAM REFUSED_STREAM instead of ending the
    connection; GOAWAY keeps the connection open for the streams it lets finish; HPACK errors
-   are COMPRESSION_ERROR; counting open streams is not quadratic.
+   are COMPRESSION_ERROR; counting open streams is not quadratic. A DATA frame on a stream
+   open for receiving skips h2's per-frame machinery (:meth:`ProtocolCore._receive_data`),
+   with the same outcome.
 3. :class:`ProtocolCore` decodes header bytes as printable ASCII (anything else fails that
    stream), parses gRPC headers and reassembles messages (through ``_purerpc``), counts every
    received byte per stream until the owner acknowledges the message it belongs to, and
@@ -105,6 +107,8 @@ _FRAME_NAMES = (
 _END_STREAM = 0x1
 _ACK = 0x1
 _END_HEADERS = 0x4
+_PADDED = 0x8
+_RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
 _NOT_PRINTABLE = re.compile(rb"[^\x20-\x7e]")
 _REASON_LENGTH = 200
 _CLIENT_STREAMS = 100
@@ -667,6 +671,15 @@ class ProtocolCore:
         except Violation as exc:
             return [self.fail(exc.error_code, exc.kind, exc.reason)]
         for frame in frames:
+            if frame[3] == _DATA and not frame[4] & (_END_STREAM | _PADDED):
+                try:
+                    if self._receive_data(frame, events):
+                        continue
+                except Exception as exc:  # a bug of ours: this connection only
+                    events.append(
+                        self.fail(ErrorCodes.INTERNAL_ERROR, INTERNAL_ERROR, "internal error", exc)
+                    )
+                    return events
             try:
                 h2_events = self.h2.receive_data(frame)
             except h2.exceptions.ProtocolError as exc:  # h2 has queued GOAWAY
@@ -691,10 +704,34 @@ class ProtocolCore:
                 return events
         return events
 
+    def _receive_data(self, frame: bytes, out: list[Event]) -> bool:
+        """A DATA frame without END_STREAM or padding, on a stream open for receiving,
+        without a content-length to check and within both flow-control windows: what h2
+        does with it (both windows consumed, no state changes) at a quarter of the cost. Every
+        SVID update on the agent connection is such a frame. False leaves the frame to h2
+        (an unknown, closed or reset stream, a window exceeded), which answers as the
+        protocol says. The connection itself is open: once it fails, :meth:`receive` takes
+        nothing more."""
+        conn = self.h2
+        stream = conn.streams.get(int.from_bytes(frame[5:9], "big") & 0x7FFFFFFF)
+        if stream is None or stream.state_machine.state not in _RECEIVING:
+            return False
+        if stream._expected_content_length is not None:
+            return False
+        size = len(frame) - 9
+        conn_window = conn._inbound_flow_control_window_manager
+        stream_window = stream._inbound_window_manager
+        if size > conn_window.current_window_size or size > stream_window.current_window_size:
+            return False
+        conn_window.current_window_size -= size
+        stream_window.current_window_size -= size
+        self._on_data(stream.stream_id, frame[9:], size, out)
+        return True
+
     def _translate(self, event: Any, out: list[Event]) -> None:
         kind = type(event)
         if kind is h2.events.DataReceived:
-            self._on_data(event, out)
+            self._on_data(event.stream_id, event.data, event.flow_controlled_length, out)
         elif kind is h2.events.RequestReceived:
             self._on_request(event, out)
         elif kind is h2.events.ResponseReceived:
@@ -778,8 +815,7 @@ class ProtocolCore:
             return
         out.append(ResponseEnded(sid, trailers.code, trailers.message))
 
-    def _on_data(self, event: Any, out: list[Event]) -> None:
-        sid, size = event.stream_id, event.flow_controlled_length
+    def _on_data(self, sid: int, data: bytes, size: int, out: list[Event]) -> None:
         reader = self._readers.get(sid)
         if reader is None:
             if size:
@@ -787,7 +823,7 @@ class ProtocolCore:
             return
         self._unacked[sid] = self._unacked.get(sid, 0) + size
         try:
-            messages = reader.feed(event.data, size)
+            messages = reader.feed(data, size)
         except MessageTooLarge as exc:
             self.forget(sid)
             out.append(
