@@ -58,7 +58,8 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
 ROTATIONS = "trio_spirecsi_svid_rotations_total"
 CHECKOUT = Path(__file__).resolve().parent.parent
-_SAMPLE = re.compile(r'^([a-z_]+)(?:\{([a-z_]+)="([^"]*)"\})? (\S+)$')
+_SAMPLE = re.compile(r"^([a-z_]+)(?:\{([^}]*)\})? (\S+)$")
+_LABEL = re.compile(r'([a-z_]+)="([^"]*)"')
 
 
 def _free_port() -> int:
@@ -239,8 +240,9 @@ class Bench:
         return {"cwd": self.root, "env": dict(os.environ, PYTHONPATH=":".join(path))}
 
     async def scrape(self) -> dict[str, float]:
-        """The driver's /metrics: ``name`` or ``name{label}`` (the value of the one label) ->
-        value."""
+        """The driver's /metrics: ``name``, or ``name{value}`` with the values of its labels
+        in the order of their names (``name{0.01,first_svid}`` for the bucket ``le="0.01"``
+        of the phase ``first_svid``) -> value."""
         stream = await trio.open_tcp_stream("127.0.0.1", self.metrics_port)
         async with stream:
             await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
@@ -251,8 +253,10 @@ class Bench:
         for line in body.decode().splitlines():
             match = _SAMPLE.match(line)
             if match:
-                name, _, label, value = match.groups()
-                samples[f"{name}{{{label}}}" if label is not None else name] = float(value)
+                name, labels, value = match.groups()
+                if labels is not None:
+                    name += "{" + ",".join(v for _, v in sorted(_LABEL.findall(labels))) + "}"
+                samples[name] = float(value)
         return samples
 
     async def counter(self, name: str) -> float:
@@ -524,6 +528,20 @@ async def storm_rows(
             for p in PUBLISH_PHASES
         ]
         bench.row("  its phases (mean, ms)", ", ".join(phases))
+        slow = {p: over(before, after, p, "0.01") for p in PUBLISH_PHASES}
+        bench.row(
+            f"  its publishes with a phase over 10 ms (of {publishes})",
+            ", ".join(f"{p} {n}" for p, n in slow.items() if n) or "none",
+        )
+
+
+def over(before: dict[str, float], after: dict[str, float], phase: str, le: str) -> int:
+    """Publishes between two scrapes whose ``phase`` took longer than ``le`` seconds (the
+    phase histogram's count minus its bucket)."""
+    name = "trio_spirecsi_publish_phase_seconds"
+    within = after[f"{name}_bucket{{{le},{phase}}}"] - before[f"{name}_bucket{{{le},{phase}}}"]
+    count = after[f"{name}_count{{{phase}}}"] - before[f"{name}_count{{{phase}}}"]
+    return int(count - within)
 
 
 async def run(
