@@ -498,6 +498,7 @@ async def storm_rows(
     theirs_s: list[float] = []
     theirs: list[tuple[str, Path]] = []
     before = await bench.scrape()
+    answers = len((await bench.agent.stats())["answers"])
     if bench.launcher is not None and bench.launcher[0] == "benchmarks.loopstats":
         bench.start_watching()
     async with trio.open_nursery() as nursery:
@@ -528,6 +529,11 @@ async def storm_rows(
             for p in PUBLISH_PHASES
         ]
         bench.row("  its phases (mean, ms)", ", ".join(phases))
+        agent_s = (await bench.agent.stats())["answers"][answers:]
+        bench.row(
+            "  of first_svid: the dev agent's own answer meanwhile (p50 / p99, both drivers)",
+            _ms(agent_s),
+        )
         slow = {p: over(before, after, p, "0.01") for p in PUBLISH_PHASES}
         bench.row(
             f"  its publishes with a phase over 10 ms (of {publishes})",
