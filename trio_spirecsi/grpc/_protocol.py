@@ -676,9 +676,7 @@ class ProtocolCore:
                     if self._receive_data(frame, events):
                         continue
                 except Exception as exc:  # a bug of ours: this connection only
-                    events.append(
-                        self.fail(ErrorCodes.INTERNAL_ERROR, INTERNAL_ERROR, "internal error", exc)
-                    )
+                    events.append(self.fail_internal(exc))
                     return events
             try:
                 h2_events = self.h2.receive_data(frame)
@@ -698,9 +696,7 @@ class ProtocolCore:
                 for event in h2_events:
                     self._translate(event, events)
             except Exception as exc:  # a bug of ours: this connection only
-                events.append(
-                    self.fail(ErrorCodes.INTERNAL_ERROR, INTERNAL_ERROR, "internal error", exc)
-                )
+                events.append(self.fail_internal(exc))
                 return events
         return events
 
@@ -949,3 +945,7 @@ class ProtocolCore:
         except Exception:  # h2's state no longer allows GOAWAY: build it ourselves
             self.h2.queue_raw(goaway_bytes(error_code, reason, self.h2.highest_inbound_stream_id))
         return self.failure
+
+    def fail_internal(self, exc: Exception) -> ConnectionFailed:
+        """End the connection for a bug of ours (INTERNAL_ERROR); ``exc`` goes to the log."""
+        return self.fail(ErrorCodes.INTERNAL_ERROR, INTERNAL_ERROR, "internal error", exc)

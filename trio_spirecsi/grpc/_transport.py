@@ -166,7 +166,7 @@ class Transport:
                     await self._read_loop(on_events)
                     nursery.cancel_scope.cancel()
         except Exception as exc:  # a bug of ours: the tasks handle every expected error
-            self.core.fail(ErrorCodes.INTERNAL_ERROR, INTERNAL_ERROR, "internal error", exc)
+            self.core.fail_internal(exc)
         finally:
             end = self.core.fail(ErrorCodes.NO_ERROR, None, "connection closed")
             try:
@@ -199,7 +199,7 @@ class Transport:
             try:
                 on_events(events)
             except Exception as exc:
-                core.fail(ErrorCodes.INTERNAL_ERROR, INTERNAL_ERROR, "internal error", exc)
+                core.fail_internal(exc)
             if self.queued > self._max_queue:
                 core.fail(
                     ErrorCodes.ENHANCE_YOUR_CALM,
