@@ -457,3 +457,27 @@ def test_the_fast_data_path_carries_the_bulk_of_an_agent_connection() -> None:
     events = core.receive(frames, now=0.0)
     assert [e.stream_id for e in events if isinstance(e, MessageReceived)] == [1, 3] * 10
     assert handled == 0
+
+
+def test_a_bug_in_the_fast_data_path_ends_that_connection_only_with_internal_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever goes wrong while a DATA frame is taken beside h2, the core still does not
+    raise: that connection ends with INTERNAL_ERROR and GOAWAY, and another connection
+    goes on receiving."""
+    broken, other = _client_with_streams(), _client_with_streams()
+    for core in (broken, other):
+        core.data_to_send()
+
+    def bug(sid: int, data: bytes, size: int, out: list[Any]) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(broken, "_on_data", bug)
+    frame = raw_frame(0x0, 0, 1, grpc_message(b"svid"))
+    [failure] = broken.receive(frame, now=0.0)
+    assert isinstance(failure, ConnectionFailed)
+    assert (failure.kind, failure.error_code) == ("grpc_internal_error", 0x2)
+    assert _frames(broken.data_to_send())[-1] == (0x7, 0x2)
+    assert broken.receive(frame, now=0.0) == []
+    [message] = other.receive(frame, now=0.0)
+    assert isinstance(message, MessageReceived) and message.data == b"svid"
