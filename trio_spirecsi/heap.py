@@ -102,21 +102,21 @@ class HeapKeeper:
     """Applies a :class:`HeapPolicy` to the process: :meth:`run` is its one timer,
     :meth:`rewritten` its count of rewrites."""
 
-    __slots__ = ("_rewrites", "policy")
+    __slots__ = ("_every", "_rewrites", "policy")
 
     def __init__(self, policy: HeapPolicy) -> None:
         self.policy = policy
+        self._every = policy.freeze_after_rewrites if policy.freeze_interval else 0
         self._rewrites = 0
 
     def rewritten(self) -> None:
         """A volume's files were rewritten (a rotation, a bundle change, a resumed volume):
         its long-lived objects were replaced. Constant time; freezes the heap after
         ``freeze_after_rewrites`` of them."""
-        if self.policy.freeze_interval == 0 or self.policy.freeze_after_rewrites == 0:
-            return
-        self._rewrites += 1
-        if self._rewrites >= self.policy.freeze_after_rewrites:
-            self._freeze()
+        if self._every:
+            self._rewrites += 1
+            if self._rewrites >= self._every:
+                self._freeze()
 
     def _freeze(self) -> None:
         gc.freeze()
