@@ -14,7 +14,10 @@ Received bytes meet three layers, in this order:
    connection; GOAWAY keeps the connection open for the streams it lets finish; HPACK errors
    are COMPRESSION_ERROR; counting open streams is not quadratic. A DATA frame on a stream
    open for receiving skips h2's per-frame machinery (:meth:`ProtocolCore._receive_data`),
-   with the same outcome.
+   with the same outcome. The header lists the engine sends (requests, responses, trailers)
+   go out as blocks of HPACK's static table (:mod:`._hpack`), encoded once per list, through
+   :meth:`_H2Connection.send_header_list`: h2's checks and state changes, not its encoder or
+   frame objects.
 3. :class:`ProtocolCore` decodes header bytes as printable ASCII (anything else fails that
    stream), parses gRPC headers and reassembles messages (through ``_purerpc``), counts every
    received byte per stream until the owner acknowledges the message it belongs to, and
@@ -39,12 +42,14 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-from h2.connection import ConnectionState
+import h2.utilities
+from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState
 from h2.errors import ErrorCodes as ErrorCodes
 from h2.settings import SettingCodes
-from h2.stream import StreamState
+from h2.stream import StreamInputs, StreamState
 
 from ..ratelimit import TokenBucket
+from ._hpack import static_block
 from ._purerpc import (
     ENCODINGS,
     RESPONSE_HEADERS,
@@ -112,6 +117,9 @@ _RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
 _NOT_PRINTABLE = re.compile(rb"[^\x20-\x7e]")
 _REASON_LENGTH = 200
 _CLIENT_STREAMS = 100
+_BLOCKS_KEPT = 256  # header blocks remembered by _H2Connection.send_header_list
+
+HeaderList: TypeAlias = tuple[tuple[bytes, bytes], ...]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,6 +500,68 @@ class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
         """Append bytes built without h2 (a GOAWAY when h2's state no longer allows one)."""
         self._data_to_send += data
 
+    def send_header_list(
+        self, stream_id: int, headers: HeaderList, *, end_stream: bool = False
+    ) -> None:
+        """``send_headers`` (without priority) for a header list of the engine's own, with
+        the same checks, state changes and exceptions, at a fraction of its cost: the block
+        comes from :func:`.static_block`, remembered per header list and kind (request,
+        response, trailers), and the frames are built by hand. h2 normalises and validates a
+        list the first time it is seen, exactly as ``send_headers`` would. A pending HPACK
+        table size update goes through ``send_headers``, which sends it.
+        """
+        if self.encoder.header_table.resized:
+            self.send_headers(stream_id, headers, end_stream=end_stream)
+            return
+        if stream_id not in self.streams:
+            limit = self.remote_settings.max_concurrent_streams
+            if self.open_outbound_streams + 1 > limit:
+                raise h2.exceptions.TooManyStreamsError(
+                    f"Max outbound streams is {limit}, {self.open_outbound_streams} open"
+                )
+        self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+        stream = self._get_or_create_stream(stream_id, AllowedStreamIDs(self.config.client_side))
+        machine = stream.state_machine
+        informational = not machine.client and h2.utilities.is_informational_response(headers)
+        if informational and end_stream:
+            raise h2.exceptions.ProtocolError("Cannot set END_STREAM on informational responses.")
+        events = machine.process_input(
+            StreamInputs.SEND_INFORMATIONAL_HEADERS if informational else StreamInputs.SEND_HEADERS
+        )
+        block = self._header_block(headers, stream._build_hdr_validation_flags(events))
+        if end_stream:
+            machine.process_input(StreamInputs.SEND_END_STREAM)
+        if machine.trailers_sent and not end_stream:
+            raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set.")
+        if machine.client and stream._authority is None:
+            stream._authority = h2.utilities.authority_from_headers(headers)
+        stream.request_method = h2.utilities.extract_method_header(headers)
+        size = int(self.max_outbound_frame_size)
+        sid = stream_id.to_bytes(4, "big")
+        kind, flags = _HEADERS, _END_STREAM if end_stream else 0
+        for start in range(0, max(len(block), 1), size):
+            chunk = block[start : start + size]
+            if start + size >= len(block):
+                flags |= _END_HEADERS
+            self._data_to_send += len(chunk).to_bytes(3, "big") + bytes((kind, flags)) + sid
+            self._data_to_send += chunk
+            kind, flags = _CONTINUATION, 0
+
+    def _header_block(self, headers: HeaderList, flags: Any) -> bytes:
+        key = (flags, headers)
+        block = _BLOCKS.get(key)
+        if block is None:
+            fields: Iterable[Any] = headers
+            if self.config.normalize_outbound_headers:
+                fields = h2.utilities.normalize_outbound_headers(fields, flags)
+            if self.config.validate_outbound_headers:
+                fields = h2.utilities.validate_outbound_headers(fields, flags)
+            block = static_block(fields)
+            if len(_BLOCKS) >= _BLOCKS_KEPT:
+                _BLOCKS.clear()
+            _BLOCKS[key] = block
+        return block
+
     def _open_streams(self, remainder: int) -> int:
         # h2 scans every stream each time one is opened; with thousands of long-lived streams
         # that is quadratic. Below the limit that applies (the peer's for streams we open, ours
@@ -566,6 +636,11 @@ class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
         return [], [event]
 
 
+# Header blocks by (validation flags, header list); shared by every connection: a block built
+# from the static table alone means the same on any of them.
+_BLOCKS: dict[tuple[Any, HeaderList], bytes] = {}
+
+
 def goaway_bytes(error_code: int, reason: str, last_stream_id: int = 0) -> bytes:
     """A GOAWAY frame built by hand, for when no h2 connection can (or need) build it."""
     debug = reason.encode("ascii", "replace")[:_REASON_LENGTH]
@@ -605,11 +680,12 @@ def _raw_path(headers: Iterable[tuple[bytes, bytes]]) -> str:
     return ""
 
 
-def _encode(headers: Headers) -> list[tuple[bytes, bytes]]:
-    return [(name.encode("ascii"), value.encode("ascii")) for name, value in headers]
+def _encode(headers: Headers) -> HeaderList:
+    return tuple((name.encode("ascii"), value.encode("ascii")) for name, value in headers)
 
 
 _RESPONSE = _encode(RESPONSE_HEADERS)
+_OK_TRAILERS = _encode(status_headers(StatusCode.OK, "", trailers_only=False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -901,7 +977,7 @@ class ProtocolCore:
         """
         try:
             sid: int = self.h2.get_next_available_stream_id()
-            self.h2.send_headers(sid, _encode(headers))
+            self.h2.send_header_list(sid, _encode(headers))
         except h2.exceptions.TooManyStreamsError:
             raise NoStreamAvailable from None
         except h2.exceptions.ProtocolError:
@@ -913,7 +989,7 @@ class ProtocolCore:
     def respond(self, stream_id: int) -> None:
         """Send response headers; raises StreamGone."""
         try:
-            self.h2.send_headers(stream_id, _RESPONSE)
+            self.h2.send_header_list(stream_id, _RESPONSE)
         except h2.exceptions.ProtocolError:
             raise StreamGone from None
 
@@ -924,9 +1000,12 @@ class ProtocolCore:
 
         Does nothing if the stream is gone already.
         """
-        headers = status_headers(code, message, trailers_only=trailers_only)
+        if code == StatusCode.OK and not message and not trailers_only:
+            headers = _OK_TRAILERS  # the end of nearly every call
+        else:
+            headers = _encode(status_headers(code, message, trailers_only=trailers_only))
         with contextlib.suppress(h2.exceptions.ProtocolError):
-            self.h2.send_headers(stream_id, _encode(headers), end_stream=True)
+            self.h2.send_header_list(stream_id, headers, end_stream=True)
 
     # -- the connection
 
