@@ -547,6 +547,34 @@ class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
             self._data_to_send += chunk
             kind, flags = _CONTINUATION, 0
 
+    def send_data_frame(self, stream_id: int, data: bytes, *, end_stream: bool = False) -> None:
+        """``send_data`` (without padding): the same checks, state changes, windows and
+        exceptions, with the frame built by hand. A stream h2 no longer holds goes through
+        ``send_data``, which raises what it raises for it."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            self.send_data(stream_id, data, end_stream=end_stream)
+            return
+        size = len(data)
+        window = min(self.outbound_flow_control_window, stream.outbound_flow_control_window)
+        if size > window:
+            raise h2.exceptions.FlowControlError(
+                f"Cannot send {size} bytes, flow control window is {window}."
+            )
+        if size > self.max_outbound_frame_size:
+            raise h2.exceptions.FrameTooLargeError(
+                f"Cannot send frame size {size}, max frame size is {self.max_outbound_frame_size}"
+            )
+        self.state_machine.process_input(ConnectionInputs.SEND_DATA)
+        machine = stream.state_machine
+        machine.process_input(StreamInputs.SEND_DATA)
+        if end_stream:
+            machine.process_input(StreamInputs.SEND_END_STREAM)
+        stream.outbound_flow_control_window -= size
+        head = size.to_bytes(3, "big") + bytes((_DATA, _END_STREAM if end_stream else 0))
+        self._data_to_send += head + stream_id.to_bytes(4, "big") + data
+        self.outbound_flow_control_window -= size
+
     def _header_block(self, headers: HeaderList, flags: Any) -> bytes:
         key = (flags, headers)
         block = _BLOCKS.get(key)
@@ -957,7 +985,7 @@ class ProtocolCore:
     def send_data(self, stream_id: int, data: bytes, *, end_stream: bool = False) -> None:
         """Queue DATA within :meth:`send_window`; raises StreamGone."""
         try:
-            self.h2.send_data(stream_id, data, end_stream=end_stream)
+            self.h2.send_data_frame(stream_id, data, end_stream=end_stream)
         except h2.exceptions.ProtocolError:
             raise StreamGone from None
 

@@ -1,6 +1,7 @@
-"""Header blocks the engine sends without h2's encoder and frame objects
-(``_H2Connection.send_header_list``, ``grpc/_hpack.py``): what the peer decodes, the streams'
-states and the errors are exactly those of h2's ``send_headers``."""
+"""Frames the engine sends without h2's encoder and frame objects: header blocks
+(``_H2Connection.send_header_list``, ``grpc/_hpack.py``) and DATA
+(``_H2Connection.send_data_frame``). What the peer decodes, the streams' states, the windows
+and the errors are exactly those of h2's ``send_headers`` and ``send_data``."""
 
 from __future__ import annotations
 
@@ -71,12 +72,17 @@ def test_the_blocks_of_a_response_are_the_static_table_and_plain_literals() -> N
 
 
 def _reference(core: ProtocolCore) -> ProtocolCore:
-    """The same core sending every header block through h2's own ``send_headers``."""
+    """The same core sending every header block and DATA frame through h2's own
+    ``send_headers`` and ``send_data``."""
 
-    def through_h2(stream_id: int, headers: Any, *, end_stream: bool = False) -> None:
+    def headers_through_h2(stream_id: int, headers: Any, *, end_stream: bool = False) -> None:
         core.h2.send_headers(stream_id, headers, end_stream=end_stream)
 
-    core.h2.send_header_list = through_h2  # type: ignore[method-assign]
+    def data_through_h2(stream_id: int, data: bytes, *, end_stream: bool = False) -> None:
+        core.h2.send_data(stream_id, data, end_stream=end_stream)
+
+    core.h2.send_header_list = headers_through_h2  # type: ignore[method-assign]
+    core.h2.send_data_frame = data_through_h2  # type: ignore[method-assign]
     return core
 
 
@@ -141,9 +147,10 @@ def _state(core: ProtocolCore) -> dict[int, tuple[Any, ...]]:
             stream.state_machine.trailers_sent,
             stream.request_method,
             stream._authority,
+            stream.outbound_flow_control_window,
         )
         for sid, stream in core.h2.streams.items()
-    }
+    } | {0: (core.h2.outbound_flow_control_window, core.h2.state_machine.state)}
 
 
 def _outcome(call: Any) -> Any:
@@ -187,6 +194,8 @@ def _run(make: Any, steps: list[tuple[Any, ...]], act: Any) -> None:
 
 
 _SIDS = st.sampled_from([1, 3, 5, 7, 9])
+# none, a message, a whole frame, one byte over the peer's frame size, most of its window
+_DATA_SIZES = st.sampled_from([0, 11, 16_384, 16_385, 40_000])
 SERVER_STEPS = st.lists(
     st.one_of(
         st.tuples(st.just("respond"), _SIDS),
@@ -197,13 +206,21 @@ SERVER_STEPS = st.lists(
             st.sampled_from(["", "", "not found", "x" * 20_000]),
             st.booleans(),
         ),
-        st.tuples(st.just("data"), _SIDS),
+        st.tuples(st.just("data"), _SIDS, _DATA_SIZES, st.booleans()),
+        st.tuples(st.just("window"), st.sampled_from([0, 1, 3]), st.sampled_from([1, 40_000])),
         st.tuples(st.just("reset"), _SIDS),
         st.tuples(st.just("trailers"), _SIDS, st.booleans()),
         st.tuples(st.just("table"), st.sampled_from([0, 100, 4096])),
     ),
     max_size=20,
 )
+
+
+def _data_step(core: ProtocolCore, step: tuple[Any, ...]) -> Any:
+    kind, sid, size, *end = step
+    if kind == "window":  # the peer's WINDOW_UPDATE (0: the connection's)
+        return core.receive(raw_frame(0x8, 0, sid, struct.pack(">I", size)), now=0.0)
+    return _outcome(lambda: core.send_data(sid, b"d" * size, end_stream=end[0]))
 
 
 def _server_step(core: ProtocolCore, step: tuple[Any, ...]) -> Any:
@@ -215,8 +232,8 @@ def _server_step(core: ProtocolCore, step: tuple[Any, ...]) -> Any:
         return _outcome(
             lambda: core.respond_status(sid, code, message, trailers_only=trailers_only)
         )
-    if kind == "data":
-        return _outcome(lambda: core.send_data(args[0], grpc_message(b"answer")))
+    if kind in ("data", "window"):
+        return _data_step(core, step)
     if kind == "reset":
         return core.reset(args[0])
     if kind == "trailers":  # what ProtocolCore never sends: trailers that do not end
@@ -236,11 +253,26 @@ def _server_step(core: ProtocolCore, step: tuple[Any, ...]) -> Any:
 @example(steps=[("table", 100), ("respond", 1), ("respond", 3), ("table", 0), ("respond", 9)])
 @example(steps=[("reset", 1), ("respond", 1), ("respond", 7), ("status", 7, 0, "", True)])
 @example(steps=[("respond", 1), ("trailers", 1, False), ("respond", 3), ("trailers", 3, True)])
-def test_server_header_blocks_do_what_h2_does(steps: list[tuple[Any, ...]]) -> None:
-    """Responses and trailers (trailers-only, errors, a status message longer than a frame)
-    on streams in every state: the peer decodes the same fields in the same frames' places,
-    the streams end up in the same states, and the same calls fail, as with h2's
-    ``send_headers``. A table size change (which h2's encoder announces) included."""
+@example(steps=[("respond", 1), *[("data", 1, 16_384, False)] * 5, ("window", 0, 40_000)])
+@example(
+    steps=[("respond", 1), ("data", 1, 16_385, False), ("data", 1, 0, True), ("data", 1, 11, False)]
+)
+@example(steps=[("data", 9, 11, False), ("respond", 7), ("data", 7, 11, False)])
+# the connection's window runs out before stream 3's does
+@example(
+    steps=[
+        ("respond", 1),
+        ("respond", 3),
+        *[("data", 1, 16_384, False)] * 3,
+        *[("data", 3, 16_384, False)] * 2,
+    ]
+)
+def test_server_frames_do_what_h2_does(steps: list[tuple[Any, ...]]) -> None:
+    """Responses, DATA and trailers (trailers-only, errors, a status message longer than a
+    frame, DATA beyond the frame size or the windows) on streams in every state: the peer
+    decodes the same fields and frames, the streams and windows end up the same, and the
+    same calls fail, as with h2's ``send_headers`` and ``send_data``. A table size change
+    (which h2's encoder announces) and the peer's WINDOW_UPDATEs included."""
     _run(_server, steps, _server_step)
 
 
@@ -259,6 +291,8 @@ CLIENT_STEPS = st.lists(
     st.one_of(
         st.tuples(st.just("open"), st.sampled_from(["/a.B/C", "/a.B/D"]), _METADATA),
         st.tuples(st.just("end"), _SIDS),
+        st.tuples(st.just("data"), _SIDS, _DATA_SIZES, st.booleans()),
+        st.tuples(st.just("window"), st.sampled_from([0, 1, 3]), st.sampled_from([1, 40_000])),
         st.tuples(st.just("reset"), _SIDS),
         st.tuples(st.just("table"), st.sampled_from([0, 100, 4096])),
         st.tuples(st.just("max_streams"), st.sampled_from([0, 2, 100])),
@@ -274,6 +308,8 @@ def _client_step(core: ProtocolCore, step: tuple[Any, ...]) -> Any:
         return _outcome(lambda: core.open_stream(request_headers(path, *metadata)))
     if kind == "end":
         return _outcome(lambda: core.send_data(args[0], b"", end_stream=True))
+    if kind in ("data", "window"):
+        return _data_step(core, step)
     if kind == "reset":
         return core.reset(args[0])
     code = 0x1 if kind == "table" else 0x3  # HEADER_TABLE_SIZE, MAX_CONCURRENT_STREAMS
@@ -293,11 +329,13 @@ def _client_step(core: ProtocolCore, step: tuple[Any, ...]) -> Any:
 )
 @example(steps=[("open", "/a.B/C", (("te", "gzip"),)), ("open", "/a.B/C", ())])
 @example(steps=[("open", "/a.B/C", (("x-big", "b" * 20_000),)), ("end", 1)])
+@example(steps=[("open", "/a.B/C", ()), ("data", 1, 40_000, False), ("data", 1, 40_000, True)])
 @example(steps=[("table", 0), ("open", "/a.B/C", (("authorization", "Bearer secret"),))])
-def test_client_request_blocks_do_what_h2_does(steps: list[tuple[Any, ...]]) -> None:
+def test_client_frames_do_what_h2_does(steps: list[tuple[Any, ...]]) -> None:
     """Requests the engine opens (metadata that h2 rewrites, refuses, hides from indexing or
     splits into CONTINUATION frames), at the peer's stream limit and after table size
-    changes: the same stream ids, fields, states and failures as h2's ``send_headers``."""
+    changes, and their DATA: the same stream ids, fields, frames, states, windows and
+    failures as h2's ``send_headers`` and ``send_data``."""
     _run(_client, steps, _client_step)
 
 
