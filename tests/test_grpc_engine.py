@@ -390,6 +390,8 @@ _FULL = ("data", 1, 0, 16_000)
 @example(steps=[_FULL, _FULL, ("data", 3, 0, 16_000), ("data", 3, 0, 16_000), ("data", 1, 0, 3000)])
 @example(steps=[_FULL, ("ack", 1, 0, 8000), _FULL, ("reset", 1, 0, 0), _FULL])
 @example(steps=[("goaway", 3, 0, 0), _FULL, ("data", 3, 0, 100)])
+# END_STREAM: mid-message, on the half-closed stream, then DATA after it
+@example(steps=[("data", 1, 1, 100), ("data", 9, 1, 0), ("data", 1, 0, 10), ("data", 3, 1, 0)])
 def test_the_fast_data_path_does_exactly_what_h2_does(
     steps: list[tuple[str, int, int, int]],
 ) -> None:

@@ -13,11 +13,12 @@ Received bytes meet three layers, in this order:
    MAX_CONCURRENT_STREAMS is refused with RST_STREAM REFUSED_STREAM instead of ending the
    connection; GOAWAY keeps the connection open for the streams it lets finish; HPACK errors
    are COMPRESSION_ERROR; counting open streams is not quadratic. A DATA frame on a stream
-   open for receiving skips h2's per-frame machinery (:meth:`ProtocolCore._receive_data`),
-   with the same outcome. The header lists the engine sends (requests, responses, trailers)
-   go out as blocks of HPACK's static table (:mod:`._hpack`), encoded once per list, through
-   :meth:`_H2Connection.send_header_list`: h2's checks and state changes, not its encoder or
-   frame objects.
+   open for receiving (END_STREAM or not) skips h2's per-frame machinery
+   (:meth:`ProtocolCore._receive_data`), with the same outcome. The header lists the
+   engine sends (requests, responses, trailers) go out as blocks of HPACK's static table
+   (:mod:`._hpack`), encoded once per list, through :meth:`_H2Connection.send_header_list`,
+   and DATA through :meth:`_H2Connection.send_data_frame`: h2's checks and state changes,
+   not its encoder or frame objects.
 3. :class:`ProtocolCore` decodes header bytes as printable ASCII (anything else fails that
    stream), parses gRPC headers and reassembles messages (through ``_purerpc``), counts every
    received byte per stream until the owner acknowledges the message it belongs to, and
@@ -775,7 +776,7 @@ class ProtocolCore:
         except Violation as exc:
             return [self.fail(exc.error_code, exc.kind, exc.reason)]
         for frame in frames:
-            if frame[3] == _DATA and not frame[4] & (_END_STREAM | _PADDED):
+            if frame[3] == _DATA and not frame[4] & _PADDED:
                 try:
                     if self._receive_data(frame, events):
                         continue
@@ -805,13 +806,13 @@ class ProtocolCore:
         return events
 
     def _receive_data(self, frame: bytes, out: list[Event]) -> bool:
-        """A DATA frame without END_STREAM or padding, on a stream open for receiving,
-        without a content-length to check and within both flow-control windows: what h2
-        does with it (both windows consumed, no state changes) at a quarter of the cost. Every
-        SVID update on the agent connection is such a frame. False leaves the frame to h2
-        (an unknown, closed or reset stream, a window exceeded), which answers as the
-        protocol says. The connection itself is open: once it fails, :meth:`receive` takes
-        nothing more."""
+        """A DATA frame without padding, on a stream open for receiving, without a
+        content-length to check and within both flow-control windows: what h2 does with it
+        (both windows consumed; with END_STREAM, the stream's state machine told) at a
+        quarter of the cost. Every SVID update on the agent connection and every request
+        message is such a frame. False leaves the frame to h2 (an unknown, closed or reset
+        stream, a window exceeded), which answers as the protocol says. The connection
+        itself is open: once it fails, :meth:`receive` takes nothing more."""
         conn = self.h2
         stream = conn.streams.get(int.from_bytes(frame[5:9], "big") & 0x7FFFFFFF)
         if stream is None or stream.state_machine.state not in _RECEIVING:
@@ -825,7 +826,13 @@ class ProtocolCore:
             return False
         conn_window.current_window_size -= size
         stream_window.current_window_size -= size
-        self._on_data(stream.stream_id, frame[9:], size, out)
+        sid = stream.stream_id
+        if frame[4] & _END_STREAM:
+            stream.state_machine.process_input(StreamInputs.RECV_END_STREAM)
+            self._on_data(sid, frame[9:], size, out)
+            self._on_end(sid, out)
+        else:
+            self._on_data(sid, frame[9:], size, out)
         return True
 
     def _translate(self, event: Any, out: list[Event]) -> None:
