@@ -10,6 +10,7 @@ Absolute times drift on a shared machine; compare within one run. Prints a table
 
     python -m benchmarks.bench [--volumes 1000] [--publishes 500] [--storm-publishes 200]
                                [--profile OUT.prof | --loop-stats OUT.json] [--driver-path DIR]
+                               [--agent dev|go]
 
 ``--profile`` runs the driver under cProfile during the sequential publishes only (its
 latency is then not comparable); read the result with ``python -m pstats OUT.prof``.
@@ -20,6 +21,10 @@ collection pauses) during the sequential publishes and during the rotation storm
 CLI) on the ``trio_spirecsi`` package found in DIR, e.g. an earlier commit's
 (``git archive <commit> trio_spirecsi | tar -x -C DIR``), to compare before and after in
 one session with the same agent and client.
+``--agent go`` puts a grpc-go stand-in for the SPIRE agent (``benchmarks/goagent``, built by
+``scripts/goagent.sh``) in the dev agent's place: the transport of a real agent, each stream
+answered by its own goroutine on every core, where the dev agent answers one stream after
+another on one event loop.
 """
 
 from __future__ import annotations
@@ -93,7 +98,8 @@ def _ms(seconds: Sequence[float]) -> str:
 
 
 class AgentProcess:
-    """The dev agent in a process of its own (:mod:`.agent_process`), driven over a pipe.
+    """The dev agent in a process of its own (:mod:`.agent_process`), driven over a pipe;
+    or, given ``go_agent``, the grpc-go stand-in (``benchmarks/goagent``) on the same pipe.
 
     A real agent is a process of its own, with cores of its own. In the bench's process, its
     answer to a rotation (a response on each of 1,000 streams) would share the loop, or the
@@ -102,15 +108,19 @@ class AgentProcess:
     compared, meet the same agent.
     """
 
-    def __init__(self, svid_ttl: int) -> None:
+    def __init__(self, svid_ttl: int, go_agent: Path | None = None) -> None:
         self.svid_ttl = svid_ttl
         """The lifetime of the SVIDs it issues (the last one given to a rotation)."""
+        self.go_agent = go_agent
+        self.name = "dev agent" if go_agent is None else "grpc-go agent"
         self.proc: trio.Process | None = None
         self._buffered = b""
         self._lock = trio.Lock()
 
     async def start(self, admin_socket: str) -> None:
         argv = [sys.executable, "-m", "benchmarks.agent_process", admin_socket, str(self.svid_ttl)]
+        if self.go_agent is not None:
+            argv = [str(self.go_agent), admin_socket, str(self.svid_ttl)]
         self.proc = await trio.lowlevel.open_process(
             argv,
             stdin=subprocess.PIPE,
@@ -120,14 +130,14 @@ class AgentProcess:
         )
         with trio.fail_after(60):
             if (line := await self._line()) != "ready":
-                raise RuntimeError(f"the dev agent did not start: {line!r}")
+                raise RuntimeError(f"the {self.name} did not start: {line!r}")
 
     async def _line(self) -> str:
         assert self.proc is not None and self.proc.stdout is not None
         while b"\n" not in self._buffered:
             chunk = await self.proc.stdout.receive_some()
             if not chunk:
-                raise RuntimeError("the dev agent exited; see its traceback above")
+                raise RuntimeError(f"the {self.name} exited; see its error above")
             self._buffered += chunk
         line, self._buffered = self._buffered.split(b"\n", 1)
         return line.decode()
@@ -138,7 +148,7 @@ class AgentProcess:
             await self.proc.stdin.send_all((" ".join(words) + "\n").encode())
             answer = await self._line()
         if answer.startswith("error"):
-            raise RuntimeError(f"dev agent: {answer}")
+            raise RuntimeError(f"{self.name}: {answer}")
         return answer
 
     async def rotate(self, spiffe_id: str | None = None) -> None:
@@ -214,6 +224,7 @@ class Bench:
         root: Path,
         launcher: tuple[str, Path] | None,
         driver_path: Path | None,
+        go_agent: Path | None = None,
     ) -> None:
         self.root = root
         self.admin = root / "admin.sock"
@@ -221,7 +232,7 @@ class Bench:
         self.state = root / "state"
         self.kubelet = root / "kubelet"
         self.kubelet.mkdir()
-        self.agent = AgentProcess(svid_ttl=3600)
+        self.agent = AgentProcess(svid_ttl=3600, go_agent=go_agent)
         self.proc: subprocess.Popen[bytes] | None = None
         self.ccore: subprocess.Popen[bytes] | None = None
         self.volumes: list[tuple[str, Path]] = []
@@ -448,7 +459,9 @@ async def compare_rows(bench: Bench, client: CSIClient, ccore: CSIClient, publis
         seconds = mean_ms(before, after, "trio_spirecsi_publish_phase_seconds", phase)
         bench.row(f"  publish phase: {phase} (mean)", f"{seconds:.2f} ms")
     p50, _ = p50_p99(agent_s)
-    bench.row("  of first_svid: the dev agent's own answer (p50, both drivers)", f"{p50:.2f} ms")
+    bench.row(
+        f"  of first_svid: the {bench.agent.name}'s own answer (p50, both drivers)", f"{p50:.2f} ms"
+    )
     total = mean_ms(before, after, "trio_spirecsi_publish_duration_seconds", "ok")
     bench.row("  driver's handler in all (mean; phases add up to it)", f"{total:.2f} ms")
     client_mean = statistics.mean(ours_s) * 1000
@@ -531,7 +544,8 @@ async def storm_rows(
         bench.row("  its phases (mean, ms)", ", ".join(phases))
         agent_s = (await bench.agent.stats())["answers"][answers:]
         bench.row(
-            "  of first_svid: the dev agent's own answer meanwhile (p50 / p99, both drivers)",
+            f"  of first_svid: the {bench.agent.name}'s own answer meanwhile (p50 / p99, both "
+            "drivers)",
             _ms(agent_s),
         )
         slow = {p: over(before, after, p, "0.01") for p in PUBLISH_PHASES}
@@ -556,11 +570,12 @@ async def run(
     storm: int,
     launcher: tuple[str, Path] | None,
     driver_path: Path | None,
+    go_agent: Path | None = None,
 ) -> None:
     root = Path(tempfile.mkdtemp(prefix="trio-spirecsi-bench-"))
     # The state dir is on tmpfs in production (/run): measure it there, not on /tmp's disk.
     subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", str(root)], check=True)
-    bench = Bench(root, launcher, driver_path)
+    bench = Bench(root, launcher, driver_path, go_agent)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}"
     )
@@ -681,7 +696,7 @@ async def rotation_row(bench: Bench) -> float:
     assert sample.read_bytes(), "files present after the rotation"
     bench.row(
         f"rotation of all {live} volumes landing on disk",
-        f"{took:.2f} s (CPU: driver {driver_cpu:.1f} s, dev agent {agent_cpu:.1f} s)",
+        f"{took:.2f} s (CPU: driver {driver_cpu:.1f} s, {bench.agent.name} {agent_cpu:.1f} s)",
     )
     return took
 
@@ -717,6 +732,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--driver-path", type=Path, help="run the driver from the trio_spirecsi package in DIR"
     )
+    parser.add_argument(
+        "--agent",
+        choices=("dev", "go"),
+        default="dev",
+        help="the agent both drivers use: the dev agent (Python) or a grpc-go stand-in "
+        "(built by scripts/goagent.sh, Debian packages installed as needed)",
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         sys.exit("bench: the driver bind-mounts volumes; run as root (just bench)")
@@ -728,7 +750,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         launcher = ("benchmarks.loopstats", args.loop_stats.resolve())
         launcher[1].unlink(missing_ok=True)
     driver_path = args.driver_path.resolve() if args.driver_path else None
-    trio.run(run, volumes, args.publishes, args.storm_publishes, launcher, driver_path)
+    go_agent = None
+    if args.agent == "go":
+        built = subprocess.run(
+            [str(CHECKOUT / "scripts" / "goagent.sh")], stdout=subprocess.PIPE, text=True
+        )
+        if built.returncode != 0:
+            sys.exit("bench: could not build the grpc-go agent (see above)")
+        go_agent = Path(built.stdout.split()[-1])
+    trio.run(run, volumes, args.publishes, args.storm_publishes, launcher, driver_path, go_agent)
 
 
 if __name__ == "__main__":
