@@ -362,7 +362,8 @@ def test_a_header_list_is_encoded_once(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_the_remembered_blocks_stay_bounded_whatever_the_messages() -> None:
     """Error messages vary (some quote what a pod sent): the blocks kept for reuse never
-    exceed their bound, and every status still reaches the peer whole."""
+    exceed their count, a long one is not kept at all, and every status still reaches the
+    peer whole."""
     import trio_spirecsi.grpc._protocol as protocol
 
     core = _server()
@@ -376,3 +377,12 @@ def test_the_remembered_blocks_stay_bounded_whatever_the_messages() -> None:
     blocks = [s for s in _sent(core.data_to_send(), decoder) if s[0] == "headers"]
     assert len(blocks) == 3 * protocol._BLOCKS_KEPT
     assert (b"grpc-message", b"volume-700-is-unknown") in blocks[700][4]
+    protocol._BLOCKS.clear()
+    long = "p" * 4000  # e.g. the path of an unknown method, quoted
+    sid += 2
+    core.receive(raw_frame(_HEADERS, _END_HEADERS | _END_STREAM, sid, request), now=0.0)
+    core.respond_status(sid, 12, long, trailers_only=True)
+    assert not protocol._BLOCKS
+    [(kind, _, _, _, fields)] = _sent(core.data_to_send(), decoder)
+    assert kind == "headers"
+    assert (b"grpc-message", long.encode()) in fields

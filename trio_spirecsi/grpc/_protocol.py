@@ -118,7 +118,8 @@ _RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
 _NOT_PRINTABLE = re.compile(rb"[^\x20-\x7e]")
 _REASON_LENGTH = 200
 _CLIENT_STREAMS = 100
-_BLOCKS_KEPT = 256  # header blocks remembered by _H2Connection.send_header_list
+_BLOCKS_KEPT = 256  # header blocks remembered by _H2Connection.send_header_list ...
+_BLOCK_KEPT_BYTES = 512  # ... if no larger: a status message may quote what a peer sent
 
 HeaderList: TypeAlias = tuple[tuple[bytes, bytes], ...]
 
@@ -586,9 +587,10 @@ class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
             if self.config.validate_outbound_headers:
                 fields = h2.utilities.validate_outbound_headers(fields, flags)
             block = static_block(fields)
-            if len(_BLOCKS) >= _BLOCKS_KEPT:
-                _BLOCKS.clear()
-            _BLOCKS[key] = block
+            if len(block) <= _BLOCK_KEPT_BYTES:
+                if len(_BLOCKS) >= _BLOCKS_KEPT:
+                    _BLOCKS.clear()
+                _BLOCKS[key] = block
         return block
 
     def _open_streams(self, remainder: int) -> int:
