@@ -18,7 +18,8 @@ Received bytes meet three layers, in this order:
    engine sends (requests, responses, trailers) go out as blocks of HPACK's static table
    (:mod:`._hpack`), encoded once per list, through :meth:`_H2Connection.send_header_list`,
    and DATA through :meth:`_H2Connection.send_data_frame`: h2's checks and state changes,
-   not its encoder or frame objects.
+   not its encoder or frame objects. Received header blocks are decoded by
+   :class:`._hpack.Decoder`, hpack's decoder with a faster loop.
 3. :class:`ProtocolCore` decodes header bytes as printable ASCII (anything else fails that
    stream), parses gRPC headers and reassembles messages (through ``_purerpc``), counts every
    received byte per stream until the owner acknowledges the message it belongs to, and
@@ -50,7 +51,7 @@ from h2.settings import SettingCodes
 from h2.stream import StreamInputs, StreamState
 
 from ..ratelimit import TokenBucket
-from ._hpack import static_block
+from ._hpack import Decoder, static_block
 from ._purerpc import (
     ENCODINGS,
     RESPONSE_HEADERS,
@@ -488,6 +489,7 @@ class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
             values[SettingCodes.ENABLE_PUSH] = 0
         self.local_settings = h2.settings.Settings(client=client_side, initial_values=values)
         self.max_inbound_frame_size = limits.max_frame_bytes
+        self.decoder = Decoder()
         self.decoder.max_header_list_size = limits.max_header_list_bytes
         self._stream_limit = limits.max_concurrent_streams
         self._admit_all = False
