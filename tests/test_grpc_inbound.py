@@ -1,22 +1,28 @@
 """Header blocks the engine receives, decoded without hpack's decoder loop
-(``grpc/_hpack.py``'s :class:`Decoder`): the same header lists, the same dynamic table and the
-same errors as :class:`hpack.Decoder`, whatever the peer sends."""
+(``grpc/_hpack.py``'s :class:`Decoder`) and checked without h2's generator pipeline
+(``grpc/_received.py``): the same header lists, the same dynamic table and the same errors
+as :class:`hpack.Decoder` and h2's ``validate_headers``, whatever the peer sends."""
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
+import h2.exceptions
+import h2.utilities
 import hpack
 import pytest
+from hpack import HeaderTuple, NeverIndexedHeaderTuple
 from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.h2_raw import PREFACE, raw_frame
-from trio_spirecsi.grpc import ServerLimits
+from tests.h2_raw import PREFACE, raw_frame, request_headers
+from trio_spirecsi.grpc import ClientLimits, ServerLimits
 from trio_spirecsi.grpc._hpack import Decoder, integer
 from trio_spirecsi.grpc._protocol import ConnectionFailed, ProtocolCore
+from trio_spirecsi.grpc._received import check_received
 from trio_spirecsi.grpc.limits import WireLimits
 
 _HUFFMAN = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
@@ -175,3 +181,175 @@ def test_a_connection_sending_an_over_long_integer_ends_with_compression_error()
     [failure] = [e for e in events if isinstance(e, ConnectionFailed)]
     assert (failure.kind, failure.error_code) == ("grpc_protocol_error", 0x9)
     assert "longer than 10 bytes" in failure.reason
+
+
+# -- received header lists, checked in one pass
+
+_FIELD_NAMES = st.sampled_from(
+    [
+        b":method", b":scheme", b":path", b":authority", b":status", b":protocol", b":bogus",
+        b"host", b"te", b"cookie", b"connection", b"upgrade", b"content-type", b"grpc-timeout",
+        b"Upper", b" lead", b"trail\t", b" Upper", b"x-pod", b"",
+    ]
+)  # fmt: skip
+_FIELD_VALUES = st.sampled_from(
+    [b"", b"POST", b"CONNECT", b"http", b"/", b"/a.B/C", b"a", b"b", b"trailers", b"TRAILERS",
+     b"gzip", b" a", b"a\n", b"200", b"1S"]
+)  # fmt: skip
+_FIELD = st.builds(
+    lambda name, value, never: (NeverIndexedHeaderTuple if never else HeaderTuple)(name, value),
+    _FIELD_NAMES,
+    _FIELD_VALUES,
+    st.booleans(),
+)
+_REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/a.B/C")]
+
+
+def _checked(check: Any, headers: list[Any], flags: Any) -> object:
+    try:
+        result = check([*headers], flags)
+    except (h2.exceptions.ProtocolError, IndexError) as exc:
+        return type(exc), str(exc)
+    return [(type(field), *field) for field in result]
+
+
+def _h2_check(headers: list[Any], flags: Any) -> list[Any]:
+    normalised = h2.utilities.normalize_inbound_headers(headers, flags)
+    return list(h2.utilities.validate_headers(normalised, flags))
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    prefix=st.sampled_from(
+        [[], _REQUEST, [*_REQUEST, (b":authority", b"a")], [(b":status", b"200")]]
+    ),
+    fields=st.lists(_FIELD, max_size=8),
+    kind=st.sampled_from(["request", "response", "trailers"]),
+    client=st.booleans(),
+)
+@example(prefix=_REQUEST, fields=[HeaderTuple(b"host", b"a")], kind="request", client=False)
+@example(  # :authority and host differ
+    prefix=[*_REQUEST, (b":authority", b"a")],
+    fields=[HeaderTuple(b"host", b"b")],
+    kind="request",
+    client=False,
+)
+@example(  # te in capitals is allowed; two cookies are joined, last
+    prefix=[*_REQUEST, (b":authority", b"a")],
+    fields=[
+        HeaderTuple(b"cookie", b"a"),
+        HeaderTuple(b"te", b"TRAILERS"),
+        HeaderTuple(b"cookie", b"b"),
+        HeaderTuple(b"x-pod", b"a"),
+    ],
+    kind="request",
+    client=False,
+)
+@example(  # :protocol belongs to CONNECT only
+    prefix=[],
+    fields=[
+        HeaderTuple(b":method", b"CONNECT"),
+        HeaderTuple(b":scheme", b"http"),
+        HeaderTuple(b":path", b"/"),
+        HeaderTuple(b":authority", b"a"),
+        HeaderTuple(b":protocol", b"a"),
+    ],
+    kind="request",
+    client=False,
+)
+@example(  # an empty :path
+    prefix=[],
+    fields=[
+        HeaderTuple(b":method", b"POST"),
+        HeaderTuple(b":scheme", b"http"),
+        HeaderTuple(b":path", b""),
+        HeaderTuple(b":authority", b"a"),
+    ],
+    kind="request",
+    client=False,
+)
+@example(prefix=[], fields=[HeaderTuple(b" Upper", b"a")], kind="trailers", client=True)
+def test_received_headers_are_checked_exactly_as_h2_checks_them(
+    prefix: list[tuple[bytes, bytes]], fields: list[Any], kind: str, client: bool
+) -> None:
+    flags = h2.utilities.HeaderValidationFlags(
+        is_client=client,
+        is_trailer=kind == "trailers",
+        is_response_header=kind == "response",
+        is_push_promise=False,
+    )
+    headers = [HeaderTuple(*field) for field in prefix] + fields
+    assert _checked(check_received, headers, flags) == _checked(_h2_check, headers, flags)
+
+
+_GRPC_REQUEST = [*_REQUEST, (b":authority", b"a"), (b"content-type", b"application/grpc")]
+_FRAME_FLAGS = st.sampled_from([0x4, 0x4, 0x5, 0x24, 0x25])  # END_HEADERS, END_STREAM, PRIORITY
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lists=st.lists(
+        st.tuples(
+            st.sampled_from([[], _GRPC_REQUEST, [(b":status", b"200")]]),
+            st.lists(_FIELD, max_size=4),
+            _FRAME_FLAGS,
+            st.sampled_from([0, 2]),  # a new stream, or the previous one again
+            st.booleans(),  # with PRIORITY: the stream depends on itself
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    client=st.booleans(),
+)
+@example(  # the third stream is refused, and its headers are checked all the same
+    lists=[(_GRPC_REQUEST, [], 0x4, 2, False)] * 2
+    + [(_GRPC_REQUEST, [HeaderTuple(b"connection", b"a")], 0x4, 2, False)],
+    client=False,
+)
+@example(  # two errors in one frame: h2 names the header's, not the priority's
+    lists=[(_GRPC_REQUEST, [HeaderTuple(b"connection", b"a")], 0x24, 2, True)],
+    client=False,
+)
+def test_a_connection_receives_header_blocks_exactly_as_with_h2s_checks(
+    lists: list[tuple[list[Any], list[Any], int, int, bool]],
+    client: bool,
+) -> None:
+    """Requests (on a server, one stream beyond its limit of 2 among them), responses and
+    trailers (on a client), with and without END_STREAM or PRIORITY: the same events and the
+    same bytes back (RST_STREAM, GOAWAY and its reason) as a core where h2 checks them."""
+
+    def core() -> ProtocolCore:
+        if client:
+            made = ProtocolCore(client_side=True, limits=WireLimits.for_client(ClientLimits()))
+            made.initiate()
+            made.receive(raw_frame(0x4, 0, 0, b""), now=0.0)
+            for _ in range(8):
+                made.open_stream(request_headers("/a.B/C"))
+        else:
+            limits = WireLimits.for_server(ServerLimits(max_concurrent_streams=2))
+            made = ProtocolCore(client_side=False, limits=limits)
+            made.initiate()
+            made.receive(PREFACE + raw_frame(0x4, 0, 0, b""), now=0.0)
+        made.data_to_send()
+        return made
+
+    ours, reference = core(), core()
+    reference.h2.config.validate_inbound_headers = True  # h2's pipeline, not check_received
+    reference.h2.config.normalize_inbound_headers = True
+    encoders = hpack.Encoder(), hpack.Encoder()
+    sid = -1
+    for prefix, fields, flags, step, itself in lists:
+        sid = sid + 2 if step or sid < 0 else sid
+        results = []
+        for one, encoder in zip((ours, reference), encoders, strict=True):
+            block = encoder.encode([*prefix, *fields])
+            if flags & 0x20:  # PRIORITY: on stream 0 (or on itself, an error), weight 16
+                block = (sid if itself else 0).to_bytes(4, "big") + b"\x0f" + block
+            events = one.receive(raw_frame(0x1, flags, sid, block), now=0.0)
+            results.append((_without_addresses(events), one.data_to_send()))
+        assert results[0] == results[1]
+    assert ours.h2.config.validate_inbound_headers is False
+
+
+def _without_addresses(events: list[Any]) -> list[Any]:
+    return [re.sub(r"0x[0-9a-f]+", "0x", repr(event)) for event in events]

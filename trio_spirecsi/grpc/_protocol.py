@@ -19,7 +19,9 @@ Received bytes meet three layers, in this order:
    (:mod:`._hpack`), encoded once per list, through :meth:`_H2Connection.send_header_list`,
    and DATA through :meth:`_H2Connection.send_data_frame`: h2's checks and state changes,
    not its encoder or frame objects. Received header blocks are decoded by
-   :class:`._hpack.Decoder`, hpack's decoder with a faster loop.
+   :class:`._hpack.Decoder` (hpack's decoder with a faster loop) and checked by
+   :func:`._received.check_received` (h2's inbound pipeline in one pass), with h2's
+   results.
 3. :class:`ProtocolCore` decodes header bytes as printable ASCII (anything else fails that
    stream), parses gRPC headers and reassembles messages (through ``_purerpc``), counts every
    received byte per stream until the owner acknowledges the message it belongs to, and
@@ -66,6 +68,7 @@ from ._purerpc import (
     parse_trailers,
     status_headers,
 )
+from ._received import check_received
 from .limits import WireLimits
 from .status import StatusCode
 
@@ -475,7 +478,14 @@ class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
     """h2 with the project's fixes; see the module docstring."""
 
     def __init__(self, client_side: bool, limits: WireLimits) -> None:
-        super().__init__(h2.config.H2Configuration(client_side=client_side, header_encoding=None))
+        # Received header lists are normalised and validated by check_received, as h2 would.
+        config = h2.config.H2Configuration(
+            client_side=client_side,
+            header_encoding=None,
+            validate_inbound_headers=False,
+            normalize_inbound_headers=False,
+        )
+        super().__init__(config)
         # A client accepts no stream (push is disabled), but h2 checks this limit before it
         # finds out that response HEADERS belong to a stream it already forgot: keep h2's.
         streams = _CLIENT_STREAMS if client_side else limits.max_concurrent_streams
@@ -633,14 +643,32 @@ class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
             and sid not in self.streams
             and self.open_inbound_streams >= self._stream_limit
         )
-        if not refuse:
-            return super()._receive_headers_frame(frame)
-        # Decode it all the same (HPACK state is per connection), then refuse the stream.
-        self._admit_all = True
+        # A stream beyond the limit is decoded all the same (HPACK state is per connection),
+        # then refused.
+        self._admit_all = refuse
+        # h2's own pipeline is off (see __init__): check_received does its work. With
+        # PRIORITY, h2 checks the header list before the priority: let it, in its order.
+        config = self.config
+        by_h2 = config.validate_inbound_headers
+        if not by_h2 and "PRIORITY" in frame.flags:
+            by_h2 = config.validate_inbound_headers = config.normalize_inbound_headers = True
+            switched = True
+        else:
+            switched = False
         try:
             frames, events = super()._receive_headers_frame(frame)
         finally:
             self._admit_all = False
+            if switched:
+                config.validate_inbound_headers = config.normalize_inbound_headers = False
+        if not by_h2:
+            for event in events:
+                if isinstance(event, _HEADER_EVENTS):
+                    flags = self.streams[sid]._build_hdr_validation_flags([event])
+                    event.headers = check_received(event.headers, flags)
+                    break
+        if not refuse:
+            return frames, events
         self.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
         kept = [e for e in events if getattr(e, "stream_id", None) != sid]
         return frames, [*kept, _Refused(sid)]
@@ -668,6 +696,13 @@ class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
         event.additional_data = frame.additional_data or None
         return [], [event]
 
+
+_HEADER_EVENTS = (
+    h2.events.RequestReceived,
+    h2.events.ResponseReceived,
+    h2.events.TrailersReceived,
+    h2.events.InformationalResponseReceived,
+)
 
 # Header blocks by (validation flags, header list); shared by every connection: a block built
 # from the static table alone means the same on any of them.
