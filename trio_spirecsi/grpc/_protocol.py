@@ -51,6 +51,7 @@ from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState
 from h2.errors import ErrorCodes as ErrorCodes
 from h2.settings import SettingCodes
 from h2.stream import StreamInputs, StreamState
+from hyperframe.frame import HeadersFrame
 
 from ..ratelimit import TokenBucket
 from ._hpack import Decoder, static_block
@@ -118,6 +119,10 @@ _END_STREAM = 0x1
 _ACK = 0x1
 _END_HEADERS = 0x4
 _PADDED = 0x8
+_PRIORITY_FLAG = 0x20
+_PLAIN_HEADERS = _END_HEADERS | _PADDED | _PRIORITY_FLAG
+_HEADERS_ONLY = ("END_HEADERS",)
+_HEADERS_END_STREAM = ("END_HEADERS", "END_STREAM")
 _RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
 _NOT_PRINTABLE = re.compile(rb"[^\x20-\x7e]")
 _REASON_LENGTH = 200
@@ -589,6 +594,30 @@ class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
         self._data_to_send += head + stream_id.to_bytes(4, "big") + data
         self.outbound_flow_control_window -= size
 
+    def receive_headers(self, frame: bytes) -> Any:
+        """``receive_data`` for one whole HEADERS frame with END_HEADERS and neither PADDED
+        nor PRIORITY (every request and response of a gRPC peer): its frame object is built
+        directly instead of through h2's frame buffer and hyperframe's parser, then handled
+        exactly as ``receive_data`` handles it. Anything else goes through ``receive_data``."""
+        sid = int.from_bytes(frame[5:9], "big") & 0x7FFFFFFF
+        if not sid:
+            return self.receive_data(frame)
+        # FrameScanner already hands over whole frames within the size limit, never inside
+        # a header block and never before the preface: checked again, as receive_data would.
+        buffered = self.incoming_buffer
+        if buffered.data or buffered._headers_buffer or buffered._preamble_len:
+            return self.receive_data(frame)
+        if len(frame) - 9 > self.max_inbound_frame_size:
+            return self.receive_data(frame)
+        flags = _HEADERS_END_STREAM if frame[4] & _END_STREAM else _HEADERS_ONLY
+        parsed = HeadersFrame(sid, frame[9:], flags=flags)
+        parsed.body_len = len(frame) - 9
+        try:
+            return self._receive_frame(parsed)
+        except h2.exceptions.ProtocolError as exc:
+            self._terminate_connection(exc.error_code)
+            raise
+
     def _header_block(self, headers: HeaderList, flags: Any) -> bytes:
         key = (flags, headers)
         block = _BLOCKS.get(key)
@@ -823,7 +852,10 @@ class ProtocolCore:
                     events.append(self.fail_internal(exc))
                     return events
             try:
-                h2_events = self.h2.receive_data(frame)
+                if frame[3] == _HEADERS and frame[4] & _PLAIN_HEADERS == _END_HEADERS:
+                    h2_events = self.h2.receive_headers(frame)
+                else:
+                    h2_events = self.h2.receive_data(frame)
             except h2.exceptions.ProtocolError as exc:  # h2 has queued GOAWAY
                 code = int(exc.error_code)
                 kind = LIMIT_EXCEEDED if code == ErrorCodes.ENHANCE_YOUR_CALM else PROTOCOL_ERROR
