@@ -93,7 +93,11 @@ class Transport:
         return self.core.failure is not None
 
     def flush(self) -> None:
-        self._dirty.set()
+        """Wake the writer task if there is anything to send. Acknowledging a message
+        usually queues nothing (WINDOW_UPDATE goes out once half a window is consumed), and
+        neither does :meth:`send_now` once the socket took everything: no writer turn then."""
+        if self._outbox or self.core.outbound_pending:
+            self._dirty.set()
 
     def send_now(self) -> None:
         """Flush, and send what the core has right away from the calling task when nothing
@@ -281,10 +285,15 @@ class Transport:
                 exc_info = (type(end.error), end.error, end.error.__traceback__)
             logger.log(level, "grpc_connection_closed", extra={"fields": fields}, exc_info=exc_info)
 
-    async def send_message(self, stream_id: int, data: bytes, *, end_stream: bool = False) -> None:
+    async def send_message(
+        self, stream_id: int, data: bytes, *, end_stream: bool = False, flush: bool = True
+    ) -> None:
         """Send one gRPC message as the peer's windows and our send queue allow.
 
-        Raises StreamGone if the stream is reset or the connection ends first.
+        With ``flush=False`` the message's last bytes are left queued for the caller's
+        :meth:`send_now` in the same turn (one write, no writer turn); anything queued before
+        a wait for window or room is flushed all the same. Raises StreamGone if the stream
+        is reset or the connection ends first.
         """
         # Not a schedule point when the message fits at once: a request or response goes out
         # in the task's current turn (cancellation is still checked).
@@ -302,10 +311,13 @@ class Transport:
                     offset += size
                     last = offset == len(payload)
                     self.core.send_data(stream_id, chunk, end_stream=end_stream and last)
-                    self.flush()
                     if last:
+                        if flush:
+                            self.flush()
                         return
+                    self.flush()
                     continue
+            self.flush()
             await self.wait_changed()
 
 

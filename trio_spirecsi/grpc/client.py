@@ -269,11 +269,11 @@ class ClientConnection:
                 except StreamGone:
                     return None
             await self.transport.wait_changed()
-        self.transport.flush()
         call = self.calls[sid] = ClientCall(sid)
         self._live += 1
         try:
-            await self.transport.send_message(sid, payload, end_stream=True)
+            # The headers and the message leave together through send_now below.
+            await self.transport.send_message(sid, payload, end_stream=True, flush=False)
         except StreamGone:
             pass  # reset or connection loss: the call's outcome is recorded
         except BaseException:

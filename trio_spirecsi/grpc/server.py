@@ -375,12 +375,13 @@ class ServerConnection:
         self.core.respond_status(stream_id, int(code), message, trailers_only=True)
         self._finish_stream(stream_id)
 
-    def _finish_stream(self, stream_id: int) -> None:
+    def _finish_stream(self, stream_id: int, *, flush: bool = True) -> None:
         # A client still sending after the status is told to stop (as grpc-go does).
         if self.core.peer_still_sending(stream_id):
             self.core.reset(stream_id, ErrorCodes.NO_ERROR)
         self.core.forget(stream_id)
-        self.transport.flush()
+        if flush:
+            self.transport.flush()
 
     async def _run_call(self, call: ServerCall, route: _Route, context: ServerContext) -> None:
         self._server._active += 1
@@ -394,8 +395,8 @@ class ServerConnection:
         finally:
             self._server._active -= 1
             del self._calls[call.stream_id]
-            self._finish_stream(call.stream_id)
-            self.transport.send_now()
+            self._finish_stream(call.stream_id, flush=False)
+            self.transport.send_now()  # what the call queued, in one write from this task
             if not self._calls:
                 self.transport.set_busy(False)
                 if self._draining:
@@ -419,7 +420,8 @@ class ServerConnection:
                     # Not kept in a local: a long stream holds the parsed request only.
                     request = _parse(route.method, await self._one_request(call))
                     if route.unary is not None:
-                        await send(await route.unary(request, context))
+                        # The response leaves with its trailers, through send_now in _run_call.
+                        await self._send(call, await route.unary(request, context), flush=False)
                     else:
                         assert route.stream is not None
                         await route.stream(request, context, send)
@@ -462,12 +464,13 @@ class ServerConnection:
         self.transport.flush()
         return data
 
-    async def _send(self, call: ServerCall, message: Message) -> None:
+    async def _send(self, call: ServerCall, message: Message, *, flush: bool = True) -> None:
         try:
             if not call.headers_sent:
                 self.core.respond(call.stream_id)
                 call.headers_sent = True
-            await self.transport.send_message(call.stream_id, message.SerializeToString())
+            data = message.SerializeToString()
+            await self.transport.send_message(call.stream_id, data, flush=flush)
         except StreamGone:
             raise RpcError(StatusCode.CANCELLED, "the call is no longer active") from None
 
