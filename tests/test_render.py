@@ -342,6 +342,10 @@ def _bad_responses() -> dict[str, tuple[di.SubscribeToX509SVIDsResponse, str]]:
             _one(svid_message(SID, chain, pkcs8(other))),
             "does not belong to the leaf",
         ),
+        "key of another algorithm": (
+            _one(svid_message(SID, chain, pkcs8(pooled_key("ed25519", 0)))),
+            "does not belong to the leaf",
+        ),
         "SAN differs from the id": (
             _one(svid_message("spiffe://example.org/ns/default/sa/db", chain, pkcs8(key))),
             "not for the SPIFFE ID",
