@@ -304,6 +304,30 @@ async def test_settings_advertise_the_limits(sock_dir: Path) -> None:
     assert window.window_increment == 256 * KiB - 65_535
 
 
+async def test_a_ping_on_an_idle_connection_is_acknowledged(sock_dir: Path) -> None:
+    """grpc-go pings with its requests and responses (BDP estimation): the acknowledgement
+    leaves at once, although nothing else is sent on the connection."""
+    target = Target()
+    path = sock_dir / "s.sock"
+    async with serving(target, path):
+        peer = await client(path)
+        for payload in (b"bdp-ping", b"keepaliv"):
+            ping = PingFrame(0)
+            ping.opaque_data = payload
+
+            def acked(frame: Any, payload: bytes = payload) -> bool:
+                return (
+                    isinstance(frame, PingFrame)
+                    and "ACK" in frame.flags
+                    and (frame.opaque_data == payload)
+                )
+
+            await peer.send(ping)
+            await peer.wait_for(acked, f"PING ACK {payload!r}", limit=5.0)
+        await grpcio_is_served(path)
+    assert target.errors == []
+
+
 async def test_streams_beyond_the_limit_are_refused_and_the_connection_lives(
     sock_dir: Path,
 ) -> None:

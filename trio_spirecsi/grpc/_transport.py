@@ -210,8 +210,10 @@ class Transport:
                     SLOW_READER,
                     f"peer does not read: more than {self._max_queue} bytes queued",
                 )
-            if self.core.outbound_pending:  # acks, settings, GOAWAY: else no writer turn
-                self.flush()
+            if self.core.outbound_pending:
+                # PING and SETTINGS acks (grpc-go pings with every response), GOAWAY: sent
+                # from this task when the socket takes them, without a turn of the writer's.
+                self.send_now()
 
     async def _receive(self) -> bytes:
         buffer = self._read_buffer
