@@ -22,6 +22,15 @@ from tests.h2_raw import PREFACE, raw_frame, request_headers
 from trio_spirecsi.grpc import ClientLimits, ServerLimits
 from trio_spirecsi.grpc._hpack import Decoder, integer
 from trio_spirecsi.grpc._protocol import ConnectionFailed, ProtocolCore
+from trio_spirecsi.grpc._purerpc import (
+    HeaderError,
+    _plain_request,
+    _plain_response,
+    _purerpc_request,
+    _purerpc_response,
+    parse_request,
+    parse_response,
+)
 from trio_spirecsi.grpc._received import check_received
 from trio_spirecsi.grpc.limits import WireLimits
 
@@ -364,3 +373,99 @@ def test_a_connection_receives_header_blocks_exactly_as_with_h2s_checks(
 
 def _without_addresses(events: list[Any]) -> list[Any]:
     return [re.sub(r"0x[0-9a-f]+", "0x", repr(event)) for event in events]
+
+
+# -- gRPC request and response heads: purerpc's answer, without purerpc for plain ones
+
+_HEAD_VALUES = {
+    ":method": ["POST", "GET"],
+    ":scheme": ["http", "https", "ftp"],
+    ":path": ["/a.B/C", "/a/b/c", "/x", "//m", "a/b"],
+    ":authority": ["localhost"],
+    ":status": ["200", "404", " 200"],
+    ":protocol": ["x"],
+    "te": ["trailers", "gzip"],
+    "content-type": ["application/grpc", "application/grpc+proto", "text/plain"],
+    "grpc-timeout": [
+        *("1999829u", "5S", "3m", "2H", "7M", "10n", "S", "+5S", "a5S", "5x"),
+        *("123456789m", "99999999999999H"),
+    ],
+    "grpc-encoding": ["identity", "gzip"],
+    "grpc-accept-encoding": ["identity,gzip"],
+    "grpc-status": ["0", "5"],
+    "grpc-message": ["a%20b"],
+    "grpc-x": ["1"],
+    "user-agent": ["grpc-go/1.60.1"],
+    "x-pod": ["web-0", "db-1"],
+    "x-trace-bin": ["AAEC", "!!"],
+}
+_HEAD_FIELD = st.sampled_from(sorted(_HEAD_VALUES)).flatmap(
+    lambda name: st.tuples(st.just(name), st.sampled_from(_HEAD_VALUES[name]))
+)
+_PLAIN_REQUEST = [
+    (":method", "POST"),
+    (":scheme", "http"),
+    (":path", "/csi.v1.Node/NodePublishVolume"),
+    (":authority", "localhost"),
+    ("content-type", "application/grpc"),
+    ("user-agent", "grpc-go/1.60.1"),
+    ("te", "trailers"),
+    ("grpc-timeout", "1999829u"),
+]
+_PLAIN_RESPONSE = [(":status", "200"), ("content-type", "application/grpc")]
+
+
+def _either(parse: Any, headers: list[tuple[str, str]]) -> object:
+    try:
+        return parse(list(headers))
+    except HeaderError as exc:
+        return str(exc)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    base=st.sampled_from([[], _PLAIN_REQUEST, _PLAIN_RESPONSE]),
+    changes=st.lists(_HEAD_FIELD, max_size=3),
+    drop=st.integers(-1, 8),
+    repeat=st.integers(-1, 8),
+)
+@example(base=_PLAIN_REQUEST, changes=[], drop=-1, repeat=-1)
+@example(base=_PLAIN_REQUEST, changes=[("x-pod", "web-0"), ("grpc-x", "1")], drop=-1, repeat=-1)
+@example(base=_PLAIN_REQUEST, changes=[(":path", "/a/b/c")], drop=-1, repeat=-1)
+@example(base=_PLAIN_REQUEST, changes=[("content-type", "text/plain")], drop=-1, repeat=-1)
+@example(base=_PLAIN_REQUEST, changes=[("grpc-timeout", "10n")], drop=-1, repeat=-1)
+@example(base=_PLAIN_REQUEST, changes=[("grpc-timeout", "a5S")], drop=-1, repeat=-1)
+@example(base=_PLAIN_REQUEST, changes=[("grpc-timeout", "99999999999999H")], drop=-1, repeat=-1)
+@example(base=_PLAIN_RESPONSE, changes=[("grpc-status", "0")], drop=-1, repeat=-1)
+@example(
+    base=_PLAIN_RESPONSE, changes=[("x-pod", "a"), ("grpc-encoding", "gzip")], drop=-1, repeat=-1
+)
+def test_plain_heads_are_parsed_exactly_as_purerpc_parses_them(
+    base: list[tuple[str, str]], changes: list[tuple[str, str]], drop: int, repeat: int
+) -> None:
+    """Requests and responses: the same head (path, timeout, encoding, metadata in order)
+    or the same error as purerpc's parsing, whichever fields are changed, added, missing or
+    repeated."""
+    headers = list(base)
+    for name, value in changes:  # a field of that name takes the value, or one is added
+        at = next((n for n, (known, _) in enumerate(headers) if known == name), None)
+        if at is None:
+            headers.append((name, value))
+        else:
+            headers[at] = (name, value)
+    if 0 <= repeat < len(headers):
+        headers.append(headers[repeat])
+    if 0 <= drop < len(headers):
+        del headers[drop]
+    assert _either(parse_request, headers) == _either(_purerpc_request, headers)
+    assert _either(parse_response, headers) == _either(_purerpc_response, headers)
+
+
+def test_a_kubelet_request_and_an_agent_response_are_parsed_without_purerpc() -> None:
+    """The fast path is the one taken for what the driver receives every time."""
+    head = _plain_request([*_PLAIN_REQUEST, ("x-pod", "web-0")])
+    assert head is not None
+    assert (head.path, head.metadata) == ("/csi.v1.Node/NodePublishVolume", (("x-pod", "web-0"),))
+    assert head.timeout == pytest.approx(1.999829)
+    grpc_go = [*_PLAIN_RESPONSE, ("grpc-accept-encoding", "identity,gzip")]
+    assert _plain_response(grpc_go) is not None
