@@ -678,12 +678,10 @@ class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
         # h2's own pipeline is off (see __init__): check_received does its work. With
         # PRIORITY, h2 checks the header list before the priority: let it, in its order.
         config = self.config
+        switched = not config.validate_inbound_headers and "PRIORITY" in frame.flags
+        if switched:
+            config.validate_inbound_headers = config.normalize_inbound_headers = True
         by_h2 = config.validate_inbound_headers
-        if not by_h2 and "PRIORITY" in frame.flags:
-            by_h2 = config.validate_inbound_headers = config.normalize_inbound_headers = True
-            switched = True
-        else:
-            switched = False
         try:
             frames, events = super()._receive_headers_frame(frame)
         finally:

@@ -112,11 +112,19 @@ def _describe(exc: Exception, what: str) -> str:
 
 # The headers purerpc takes out of a request or a response before the rest become metadata.
 _REQUEST_FIELDS = frozenset(
-    (":method", ":scheme", ":path", ":authority", "te", "content-type", "grpc-timeout")
-) | frozenset(("grpc-encoding", "grpc-accept-encoding", "user-agent", "grpc-message-type"))
+    {
+        *(":method", ":scheme", ":path", ":authority", "te", "content-type", "grpc-timeout"),
+        *("grpc-encoding", "grpc-accept-encoding", "user-agent", "grpc-message-type"),
+    }
+)
 _RESPONSE_FIELDS = frozenset((":status", "content-type", "grpc-encoding", "grpc-accept-encoding"))
-_TIMEOUT_UNITS = {"H": "hours", "M": "minutes", "S": "seconds", "m": "milliseconds"}
-_TIMEOUT_UNITS["u"] = "microseconds"
+_TIMEOUT_UNITS = {
+    "H": "hours",
+    "M": "minutes",
+    "S": "seconds",
+    "m": "milliseconds",
+    "u": "microseconds",
+}
 
 
 def _metadata(headers: Headers, taken: frozenset[str]) -> Metadata | None:

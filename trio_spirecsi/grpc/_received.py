@@ -11,18 +11,21 @@ pipeline switched off.
 
 from __future__ import annotations
 
-from string import whitespace
 from typing import Any
 
 from h2.exceptions import ProtocolError
-from h2.utilities import HeaderValidationFlags, _check_pseudo_header_field_acceptability
+from h2.utilities import (
+    _ALLOWED_PSEUDO_HEADER_FIELDS,
+    _WHITESPACE,
+    CONNECTION_HEADERS,
+    HeaderValidationFlags,
+    _check_pseudo_header_field_acceptability,
+)
 from hpack import NeverIndexedHeaderTuple
 
-_WHITESPACE = frozenset(map(ord, whitespace))
+# h2's own sets, so that both accept and refuse the same names; uppercase is tested by set
+# (h2 runs a regular expression per name).
 _UPPER = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_CONNECTION = frozenset((b"connection", b"proxy-connection", b"keep-alive"))
-_CONNECTION |= frozenset((b"transfer-encoding", b"upgrade"))
-_PSEUDO = frozenset((b":method", b":scheme", b":authority", b":path", b":status", b":protocol"))
 
 
 def check_received(headers: list[Any], flags: HeaderValidationFlags) -> list[Any]:
@@ -48,7 +51,7 @@ def check_received(headers: list[Any], flags: HeaderValidationFlags) -> list[Any
             raise ProtocolError(f"Received header value surrounded by whitespace {value!r}")
         if name == b"te" and value.lower() != b"trailers":
             raise ProtocolError(f"Invalid value for Transfer-Encoding header: {value}")
-        if name in _CONNECTION:
+        if name in CONNECTION_HEADERS:
             raise ProtocolError(f"Connection-specific header field present: {name}.")
         if name[0] == 0x3A:  # b":"
             if name in pseudo:
@@ -56,7 +59,7 @@ def check_received(headers: list[Any], flags: HeaderValidationFlags) -> list[Any
             pseudo.add(name)
             if regular:
                 raise ProtocolError(f"Received pseudo-header field out of sequence: {name}")
-            if name not in _PSEUDO:
+            if name not in _ALLOWED_PSEUDO_HEADER_FIELDS:
                 raise ProtocolError(f"Received custom pseudo-header field {name}")
             if name == b":method":
                 method = value
