@@ -167,15 +167,23 @@ async def test_non_ascii_header_fails_that_stream_and_the_connection_lives(
     assert target.errors == ["grpc_bad_stream", "grpc_bad_stream"]
 
 
+@pytest.mark.parametrize(
+    "block",
+    [
+        b"\xff\xff\xff\xff\xff\xff",  # an index no table has
+        b"\xff" + b"\xff" * 4000 + b"\x01",  # an integer of 4,000 bytes
+    ],
+    ids=["unknown-index", "endless-integer"],
+)
 async def test_undecodable_header_block_ends_that_connection_with_compression_error(
-    sock_dir: Path,
+    sock_dir: Path, block: bytes
 ) -> None:
     target = Target()
     path = sock_dir / "s.sock"
     async with serving(target, path):
         peer = await client(path)
         bad = HeadersFrame(1)
-        bad.data = b"\xff\xff\xff\xff\xff\xff"  # an index no table has
+        bad.data = block
         bad.flags.add("END_HEADERS")
         bad.flags.add("END_STREAM")
         await peer.send(bad)

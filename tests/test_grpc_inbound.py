@@ -214,6 +214,10 @@ _FIELD = st.builds(
 _REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/a.B/C")]
 
 
+def _fields(*pairs: tuple[bytes, bytes]) -> list[HeaderTuple]:
+    return [HeaderTuple(name, value) for name, value in pairs]
+
+
 def _checked(check: Any, headers: list[Any], flags: Any) -> object:
     try:
         result = check([*headers], flags)
@@ -236,48 +240,40 @@ def _h2_check(headers: list[Any], flags: Any) -> list[Any]:
     kind=st.sampled_from(["request", "response", "trailers"]),
     client=st.booleans(),
 )
-@example(prefix=_REQUEST, fields=[HeaderTuple(b"host", b"a")], kind="request", client=False)
+@example(prefix=_REQUEST, fields=_fields((b"host", b"a")), kind="request", client=False)
 @example(  # :authority and host differ
     prefix=[*_REQUEST, (b":authority", b"a")],
-    fields=[HeaderTuple(b"host", b"b")],
+    fields=_fields((b"host", b"b")),
     kind="request",
     client=False,
 )
 @example(  # te in capitals is allowed; two cookies are joined, last
     prefix=[*_REQUEST, (b":authority", b"a")],
-    fields=[
-        HeaderTuple(b"cookie", b"a"),
-        HeaderTuple(b"te", b"TRAILERS"),
-        HeaderTuple(b"cookie", b"b"),
-        HeaderTuple(b"x-pod", b"a"),
-    ],
+    fields=_fields((b"cookie", b"a"), (b"te", b"TRAILERS"), (b"cookie", b"b"), (b"x-pod", b"a")),
     kind="request",
     client=False,
 )
 @example(  # :protocol belongs to CONNECT only
     prefix=[],
-    fields=[
-        HeaderTuple(b":method", b"CONNECT"),
-        HeaderTuple(b":scheme", b"http"),
-        HeaderTuple(b":path", b"/"),
-        HeaderTuple(b":authority", b"a"),
-        HeaderTuple(b":protocol", b"a"),
-    ],
+    fields=_fields(
+        (b":method", b"CONNECT"),
+        (b":scheme", b"http"),
+        (b":path", b"/"),
+        (b":authority", b"a"),
+        (b":protocol", b"a"),
+    ),
     kind="request",
     client=False,
 )
 @example(  # an empty :path
     prefix=[],
-    fields=[
-        HeaderTuple(b":method", b"POST"),
-        HeaderTuple(b":scheme", b"http"),
-        HeaderTuple(b":path", b""),
-        HeaderTuple(b":authority", b"a"),
-    ],
+    fields=_fields(
+        (b":method", b"POST"), (b":scheme", b"http"), (b":path", b""), (b":authority", b"a")
+    ),
     kind="request",
     client=False,
 )
-@example(prefix=[], fields=[HeaderTuple(b" Upper", b"a")], kind="trailers", client=True)
+@example(prefix=[], fields=_fields((b" Upper", b"a")), kind="trailers", client=True)
 def test_received_headers_are_checked_exactly_as_h2_checks_them(
     prefix: list[tuple[bytes, bytes]], fields: list[Any], kind: str, client: bool
 ) -> None:
