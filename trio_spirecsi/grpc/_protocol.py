@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import re
 import struct
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -103,6 +104,10 @@ DEFAULT_WINDOW = 65_535
 
 _DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS = 0, 1, 2, 3, 4
 _PUSH_PROMISE, _PING, _GOAWAY, _WINDOW_UPDATE, _CONTINUATION = 5, 6, 7, 8, 9
+# Frames in a client's backlog that a waiting stream's frames may overtake: each concerns
+# one other stream, or what we send (PING, WINDOW_UPDATE). HEADERS and CONTINUATION (one
+# HPACK table for all streams), SETTINGS, PRIORITY and GOAWAY keep every later frame behind.
+_OVERTAKEN = frozenset((_DATA, _RST_STREAM, _PING, _WINDOW_UPDATE))
 _FRAME_NAMES = (
     "DATA",
     "HEADERS",
@@ -803,6 +808,10 @@ class ProtocolCore:
         self._readers: dict[int, MessageReader] = {}
         self._unacked: dict[int, int] = {}
         self.failure: ConnectionFailed | None = None
+        self._backlog: deque[bytes] = deque()  # frames read, not processed yet (a client's)
+        self._backlog_bytes = 0
+        self._barrier = False  # the backlog holds a frame nothing may overtake
+        self._awaiting: set[int] = set()  # our streams still waiting for their first message
 
     @property
     def handshake_done(self) -> bool:
@@ -832,47 +841,117 @@ class ProtocolCore:
 
     # -- receiving
 
+    @property
+    def backlogged(self) -> bool:
+        """Frames were read and not processed yet: :meth:`receive` takes the next ones (pass
+        ``b""`` when nothing more was read), or :meth:`drain` all of them."""
+        return bool(self._backlog)
+
+    @property
+    def backlog_bytes(self) -> int:
+        return self._backlog_bytes
+
     def receive(self, data: bytes, now: float) -> list[Event]:
-        """Events for these received bytes (``now``: a monotonic clock, for the budgets)."""
+        """Events for these received bytes (``now``: a monotonic clock, for the budgets).
+
+        On a client, once frames are read faster than ``frames_per_step`` at a time, the
+        rest wait in a backlog for the next calls. The frames of a stream still waiting for
+        its first message (and its later frames in the same read: a unary call's status)
+        are processed at once, ahead of the backlog, for as long as the backlog holds
+        nothing but DATA, RST_STREAM, PING and WINDOW_UPDATE frames, which they may
+        overtake: those concern other streams or what we send, and the connection window
+        counts every DATA frame in the end. Everything else keeps its order.
+        """
         if self.failure is not None:
             return []
         events: list[Event] = []
         try:
             frames = self._scanner.feed(data, now)
         except Violation as exc:
-            return [self.fail(exc.error_code, exc.kind, exc.reason)]
-        for frame in frames:
-            if frame[3] == _DATA and not frame[4] & _PADDED:
-                try:
-                    if self._receive_data(frame, events):
-                        continue
-                except Exception as exc:  # a bug of ours: this connection only
-                    events.append(self.fail_internal(exc))
+            events = self.drain()  # what was read before the violation counts
+            events.append(self.fail(exc.error_code, exc.kind, exc.reason))
+            return events
+        budget = self.limits.frames_per_step
+        backlog = self._backlog
+        if not budget or (not backlog and len(frames) <= budget):
+            for frame in frames:
+                if self._process(frame, events):
                     return events
-            try:
-                if frame[3] == _HEADERS and frame[4] & _PLAIN_HEADERS == _END_HEADERS:
-                    h2_events = self.h2.receive_headers(frame)
-                else:
-                    h2_events = self.h2.receive_data(frame)
-            except h2.exceptions.ProtocolError as exc:  # h2 has queued GOAWAY
-                code = int(exc.error_code)
-                kind = LIMIT_EXCEEDED if code == ErrorCodes.ENHANCE_YOUR_CALM else PROTOCOL_ERROR
-                self.failure = ConnectionFailed(code, safe_text(f"HTTP/2: {exc}"), kind)
-                events.append(self.failure)
+            return events
+        awaiting = self._awaiting
+        ahead: set[int] = set()  # streams that were waiting as their frames came in
+        for frame in frames:
+            if (awaiting or ahead) and not self._barrier:
+                sid = int.from_bytes(frame[5:9], "big") & 0x7FFFFFFF
+                if sid in awaiting or sid in ahead:
+                    ahead.add(sid)
+                    if self._process(frame, events):
+                        return events
+                    continue
+            backlog.append(frame)
+            self._backlog_bytes += len(frame)
+            if frame[3] not in _OVERTAKEN:
+                self._barrier = True  # nothing overtakes it
+        for _ in range(min(budget, len(backlog))):
+            frame = backlog.popleft()
+            self._backlog_bytes -= len(frame)
+            if self._process(frame, events):
                 return events
-            except Exception as exc:  # anything else h2, hpack or hyperframe raise on input
-                name = type(exc).__name__
-                events.append(
-                    self.fail(ErrorCodes.PROTOCOL_ERROR, PROTOCOL_ERROR, f"bad HTTP/2 ({name})")
-                )
-                return events
+        if not backlog:
+            self._barrier = False
+        return events
+
+    def drain(self) -> list[Event]:
+        """Events of every frame still in the backlog (before the connection ends)."""
+        events: list[Event] = []
+        backlog = self._backlog
+        while backlog and self.failure is None:
+            frame = backlog.popleft()
+            self._backlog_bytes -= len(frame)
+            if self._process(frame, events):
+                break
+        self._drop_backlog()
+        return events
+
+    def _drop_backlog(self) -> None:
+        self._backlog.clear()
+        self._backlog_bytes = 0
+        self._barrier = False
+
+    def _process(self, frame: bytes, events: list[Event]) -> bool:
+        """Handle one whole frame; True once the connection has failed (stop there)."""
+        if frame[3] == _DATA and not frame[4] & _PADDED:
             try:
-                for event in h2_events:
-                    self._translate(event, events)
+                if self._receive_data(frame, events):
+                    return False
             except Exception as exc:  # a bug of ours: this connection only
                 events.append(self.fail_internal(exc))
-                return events
-        return events
+                return True
+        try:
+            if frame[3] == _HEADERS and frame[4] & _PLAIN_HEADERS == _END_HEADERS:
+                h2_events = self.h2.receive_headers(frame)
+            else:
+                h2_events = self.h2.receive_data(frame)
+        except h2.exceptions.ProtocolError as exc:  # h2 has queued GOAWAY
+            code = int(exc.error_code)
+            kind = LIMIT_EXCEEDED if code == ErrorCodes.ENHANCE_YOUR_CALM else PROTOCOL_ERROR
+            self.failure = ConnectionFailed(code, safe_text(f"HTTP/2: {exc}"), kind)
+            self._drop_backlog()
+            events.append(self.failure)
+            return True
+        except Exception as exc:  # anything else h2, hpack or hyperframe raise on input
+            name = type(exc).__name__
+            events.append(
+                self.fail(ErrorCodes.PROTOCOL_ERROR, PROTOCOL_ERROR, f"bad HTTP/2 ({name})")
+            )
+            return True
+        try:
+            for event in h2_events:
+                self._translate(event, events)
+        except Exception as exc:  # a bug of ours: this connection only
+            events.append(self.fail_internal(exc))
+            return True
+        return False
 
     def _receive_data(self, frame: bytes, out: list[Event]) -> bool:
         """A DATA frame without padding, on a stream open for receiving, without a
@@ -1010,11 +1089,14 @@ class ProtocolCore:
             self.forget(sid)
             out.append(StreamFailed(sid, StatusCode.INTERNAL, str(exc), BAD_STREAM))
             return
+        if messages:
+            self._awaiting.discard(sid)
         for data, length in messages:
             out.append(MessageReceived(sid, data, length))
 
     def _on_end(self, sid: int, out: list[Event]) -> None:
         reader = self._readers.pop(sid, None)
+        self._awaiting.discard(sid)
         if reader is not None and reader.partial:
             reason = "stream ended in the middle of a message"
             out.append(StreamFailed(sid, StatusCode.INTERNAL, reason, BAD_STREAM))
@@ -1034,6 +1116,7 @@ class ProtocolCore:
     def forget(self, stream_id: int) -> None:
         """Drop the stream's reader and release every byte it still holds to the peer."""
         self._readers.pop(stream_id, None)
+        self._awaiting.discard(stream_id)
         pending = self._unacked.pop(stream_id, 0)
         if pending > 0:
             self.h2.acknowledge_received_data(pending, stream_id)
@@ -1082,6 +1165,7 @@ class ProtocolCore:
         try:
             sid: int = self.h2.get_next_available_stream_id()
             self.h2.send_header_list(sid, _encode(headers))
+            self._awaiting.add(sid)
         except h2.exceptions.TooManyStreamsError:
             raise NoStreamAvailable from None
         except h2.exceptions.ProtocolError:
@@ -1123,6 +1207,8 @@ class ProtocolCore:
         self.failure = ConnectionFailed(int(error_code), reason, kind, error)
         self._readers.clear()
         self._unacked.clear()
+        self._awaiting.clear()
+        self._drop_backlog()
         try:
             self.h2.close_connection(error_code, additional_data=reason.encode("ascii"))
         except Exception:  # h2's state no longer allows GOAWAY: build it ourselves

@@ -190,13 +190,22 @@ class Transport:
         core = self.core
         while core.failure is None:
             try:
-                data = await self._receive()
+                if core.backlogged:
+                    # Frames read earlier wait: a turn for the other tasks, then whatever
+                    # has arrived meanwhile (its first responses go ahead), and the next few.
+                    await trio.lowlevel.checkpoint()
+                    data = self._receive_now(core.backlog_bytes)
+                else:
+                    data = await self._receive()
             except IO_ERRORS as exc:
-                core.fail(ErrorCodes.NO_ERROR, None, _describe(exc))
+                self._end_reading(on_events, _describe(exc))
                 return
             if not data:
-                core.fail(ErrorCodes.NO_ERROR, None, "connection closed by peer")
-                return
+                if data is None:
+                    data = b""
+                else:
+                    self._end_reading(on_events, "connection closed by peer")
+                    return
             events = core.receive(data, trio.current_time())
             if core.handshake_done and not self._handshake.is_set():
                 self._handshake.set()
@@ -214,6 +223,28 @@ class Transport:
                 # PING and SETTINGS acks (grpc-go pings with every response), GOAWAY: sent
                 # from this task when the socket takes them, without a turn of the writer's.
                 self.send_now()
+
+    def _end_reading(self, on_events: Callable[[Sequence[Event]], None], reason: str) -> None:
+        """The socket is closed or failed: what was read before still counts, then the end."""
+        try:
+            on_events(self.core.drain())
+        except Exception as exc:
+            self.core.fail_internal(exc)
+        self.core.fail(ErrorCodes.NO_ERROR, None, reason)
+
+    def _receive_now(self, backlog: int) -> bytes | None:
+        """What the socket holds, without waiting: None if nothing (or if the backlog is
+        four reads' worth already), b"" at end of stream."""
+        if backlog >= 4 * self._read_bytes:
+            return None
+        buffer = self._read_buffer
+        try:
+            if buffer is None:
+                return os.read(self._stream.socket.fileno(), self._read_bytes)
+            size = os.readv(self._stream.socket.fileno(), [buffer])
+        except BlockingIOError:
+            return None
+        return bytes(memoryview(buffer)[:size])
 
     async def _receive(self) -> bytes:
         buffer = self._read_buffer

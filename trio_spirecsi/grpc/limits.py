@@ -11,6 +11,7 @@ that exceeds one loses its own stream or connection and nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -141,6 +142,13 @@ class ClientLimits:
     the event loop (16); first messages, statuses and errors are handed over at once. A
     burst of responses on many streams then never makes one turn long, and a new call's first
     response overtakes the burst."""
+    frames_per_step: int = 64
+    """Frames received from the server processed per turn of the event loop (64) once more
+    have been read than that; the rest wait, read but unprocessed, for the next turns, up to
+    four reads' worth (then reading pauses). A call still waiting for its first response
+    has its frames processed as soon as they are read, ahead of that backlog: a new call's
+    first response read behind a burst on thousands of streams (a rotation) reaches its
+    caller in the turn it is read, and no turn is long."""
 
     def __post_init__(self) -> None:
         _check(self)
@@ -178,6 +186,9 @@ class WireLimits:
     control_frame_burst: int
     new_streams_per_second: float
     new_stream_burst: int
+    frames_per_step: int = 0
+    """Received frames processed per step once a read holds more (0: every frame of a read
+    at once, in order; a server's cores)."""
 
     @classmethod
     def for_server(cls, limits: ServerLimits) -> WireLimits:
@@ -192,7 +203,8 @@ class WireLimits:
     @classmethod
     def for_client(cls, limits: ClientLimits) -> WireLimits:
         # A client accepts no stream from the server (push is disabled): no stream budget.
-        return cls._make(limits, limits.max_response_bytes, 0, 1.0, 1)
+        wire = cls._make(limits, limits.max_response_bytes, 0, 1.0, 1)
+        return dataclasses.replace(wire, frames_per_step=limits.frames_per_step)
 
     @classmethod
     def _make(
