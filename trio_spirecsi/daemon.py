@@ -38,6 +38,7 @@ from .spire.agent import AgentClient
 from .storage.metadata import MetadataStore
 from .storage.mount import LinuxMounter, Mounter
 from .volumes.registry import Registry
+from .volumes.volume import RewriteLane
 from .workloadapi import serve_volume_socket
 
 logger = logging.getLogger(__name__)
@@ -95,13 +96,19 @@ async def _serve(
     def count_error(kind: str) -> None:
         metrics.errors_total.labels(kind=kind).inc()
 
+    heap = HeapKeeper(settings.heap)
+    # Rotations give way to publishes: in the volumes' writes, and in how fast the agent
+    # connection hands its updates over.
+    rewrites = RewriteLane(after_write=heap.rewritten)
     async with open_channel(
-        str(settings.admin_socket), limits=ClientLimits.trusted(), on_error=count_error
+        str(settings.admin_socket),
+        limits=ClientLimits.trusted(),
+        on_error=count_error,
+        busy=rewrites.busy,
     ) as channel:
         agent = AgentClient(channel, settings.admin_socket, metrics)
         async with trio.open_nursery() as nursery:
             await nursery.start(agent.run)
-            heap = HeapKeeper(settings.heap)
             nursery.start_soon(heap.run)
             registry = Registry(
                 store=store,
@@ -120,7 +127,7 @@ async def _serve(
                     on_error=count_error,
                     metrics=metrics,
                 ),
-                after_rewrite=heap.rewritten,
+                rewrites=rewrites,
             )
             await nursery.start(registry.run)
             node = NodeService(

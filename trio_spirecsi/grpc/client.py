@@ -6,7 +6,8 @@ HTTP/2 flow-control windows, so a slow consumer holds at most one window per str
 
 A call's first message, its status and its errors wake the caller at once; later messages
 (a stream's updates) are handed over by the connection's one pacing task, at most
-``ClientLimits.messages_per_turn`` per turn of the event loop, in arrival order. When the
+``ClientLimits.messages_per_turn`` per turn of the event loop (fewer while the owner says it
+is busy), in arrival order. When the
 server pushes an update on thousands of streams at once (the SPIRE agent rotating every
 SVID), the callers then take turns instead of all running in one long turn, and a new call's
 first response, read behind the burst, reaches its caller within a turn or two.
@@ -130,6 +131,7 @@ class ClientConnection:
         path: str,
         limits: ClientLimits,
         on_error: ErrorHook | None,
+        busy: Callable[[], bool] | None = None,
     ) -> None:
         self.core = ProtocolCore(client_side=True, limits=WireLimits.for_client(limits))
         self.transport = Transport(
@@ -149,6 +151,8 @@ class ClientConnection:
         self.failure: str | None = None
         self._live = 0
         self._per_turn = limits.messages_per_turn
+        self._per_busy_turn = limits.messages_per_busy_turn
+        self._busy = busy
         self._paced: deque[ClientCall] = deque()
         self._paced_ready = trio.Event()
 
@@ -161,13 +165,16 @@ class ClientConnection:
                 nursery.cancel_scope.cancel()
 
     async def _pace(self) -> None:
-        """Wake the callers of later messages, ``messages_per_turn`` per turn, in order."""
+        """Wake the callers of later messages, ``messages_per_turn`` per turn (or
+        ``messages_per_busy_turn`` while the channel's owner is busy), in order."""
         queue = self._paced
+        busy = self._busy
         while True:
             await self._paced_ready.wait()
             self._paced_ready = trio.Event()
             while queue:
-                for _ in range(min(self._per_turn, len(queue))):
+                count = self._per_busy_turn if busy is not None and busy() else self._per_turn
+                for _ in range(min(count, len(queue))):
                     call = queue.popleft()
                     call.paced = False
                     call.wake()
@@ -432,11 +439,13 @@ class Channel:
         nursery: trio.Nursery,
         limits: ClientLimits,
         on_error: ErrorHook | None,
+        busy: Callable[[], bool] | None = None,
     ) -> None:
         self._path = path
         self._nursery = nursery
         self._limits = limits
         self._on_error = on_error
+        self._busy = busy
         self._connect_timeout = limits.handshake_timeout
         self._current: ClientConnection | None = None
         self._running: set[ClientConnection] = set()
@@ -533,7 +542,7 @@ class Channel:
             raise RpcError(StatusCode.UNAVAILABLE, f"{where}: {exc.strerror or exc}") from None
         except trio.TooSlowError:
             raise RpcError(StatusCode.UNAVAILABLE, f"{where}: timed out") from None
-        conn = ClientConnection(stream, self._path, self._limits, self._on_error)
+        conn = ClientConnection(stream, self._path, self._limits, self._on_error, self._busy)
         self._connections_opened += 1
         self._nursery.start_soon(self._run, conn)
         try:
@@ -567,7 +576,11 @@ class Channel:
 
 @asynccontextmanager
 async def open_channel(
-    path: str, *, limits: ClientLimits | None = None, on_error: ErrorHook | None = None
+    path: str,
+    *,
+    limits: ClientLimits | None = None,
+    on_error: ErrorHook | None = None,
+    busy: Callable[[], bool] | None = None,
 ) -> AsyncIterator[Channel]:
     """A channel to the gRPC server listening on the unix socket `path`.
 
@@ -575,11 +588,13 @@ async def open_channel(
     still in flight fail UNAVAILABLE. Whatever the server sends, calls fail with RpcError
     and the next call dials again: nothing from a connection escapes this block.
     ``on_error(kind)`` is told about each connection or stream the server broke (kinds in
-    the package docstring); ``limits`` defaults to ``ClientLimits()``.
+    the package docstring); ``limits`` defaults to ``ClientLimits()``. ``busy()`` is True
+    while the owner has work in progress that later messages should not hold up (the driver:
+    a publish); they are then handed over ``limits.messages_per_busy_turn`` per turn.
     """
     try:
         async with trio.open_nursery() as nursery:
-            channel = Channel(path, nursery, limits or ClientLimits(), on_error)
+            channel = Channel(path, nursery, limits or ClientLimits(), on_error, busy)
             try:
                 yield channel
             finally:

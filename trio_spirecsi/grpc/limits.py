@@ -142,6 +142,10 @@ class ClientLimits:
     the event loop (16); first messages, statuses and errors are handed over at once. A
     burst of responses on many streams then never makes one turn long, and a new call's first
     response overtakes the burst."""
+    messages_per_busy_turn: int = 2
+    """:attr:`messages_per_turn` while the channel's owner is busy (2; see
+    :func:`~trio_spirecsi.grpc.open_channel`): a burst then takes more, shorter turns, and
+    the owner's own work waits less at each of its steps."""
     frames_per_step: int = 64
     """Frames received from the server processed per turn of the event loop (64) once more
     have been read than that; the rest wait, read but unprocessed, for the next turns, up to
