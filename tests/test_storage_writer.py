@@ -182,9 +182,13 @@ def _generation_of(cert: bytes) -> int:
     return int(line.split()[1])
 
 
-def test_a_concurrent_reader_always_sees_a_matching_cert_and_key(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rewrite", [False, True])
+def test_a_concurrent_reader_always_sees_a_matching_cert_and_key(
+    tmp_path: Path, rewrite: bool
+) -> None:
+    """``rewrite``: each write hands the previous one's layout on, as a volume does."""
     data = tmp_path / "data"
-    write_atomically(data, _pair(0), gid=None)
+    layout = write_atomically(data, _pair(0), gid=None)
     stop = threading.Event()
     seen: list[int] = []
     failures: list[BaseException] = []
@@ -216,7 +220,8 @@ def test_a_concurrent_reader_always_sees_a_matching_cert_and_key(tmp_path: Path)
     try:
         while len(set(seen)) < 200 and not failures and time.monotonic() < deadline:
             generation += 1
-            write_atomically(data, _pair(generation), gid=None)
+            after = layout if rewrite else None
+            layout = write_atomically(data, _pair(generation), gid=None, after=after)
     finally:
         stop.set()
         thread.join(timeout=60)
@@ -287,6 +292,78 @@ def test_every_crash_point_of_a_write_is_repaired_by_retrying_it(
         write_atomically(data, CERT_AND_KEY, gid=gid)
         assert_exactly(data, CERT_AND_KEY, gid)
     assert at > 20, "the write has fewer steps than a write of three files must have"
+
+
+@pytest.mark.parametrize("gid", [None, 1234])
+def test_every_crash_point_of_a_rewrite_is_repaired_by_a_whole_write(
+    root: None, tmp_path: Path, gid: int | None
+) -> None:
+    """A rewrite after the previous write's layout dies at each of its steps in turn: old
+    or new files are seen, and the next write, given no layout (as after any failure),
+    leaves exactly the new ones."""
+    new = {
+        name: FileContent(b"renewed " + name.encode(), c.mode) for name, c in CERT_AND_KEY.items()
+    }
+    old_bytes = {name: c.data for name, c in CERT_AND_KEY.items()}
+    new_bytes = {name: c.data for name, c in new.items()}
+    at = 0
+    while True:
+        at += 1
+        data = tmp_path / f"crash-at-{at}"
+        layout = write_atomically(data, CERT_AND_KEY, gid=gid)
+        with mock.patch.object(writer_module, "os", _CrashingOs(at)):
+            try:
+                write_atomically(data, new, gid=gid, after=layout)
+            except _Crash:
+                crashed = True
+            else:
+                crashed = False
+        if not crashed:
+            assert_exactly(data, new, gid)
+            break
+        assert read_current(data) in (old_bytes, new_bytes), f"crash at step {at}"
+        write_atomically(data, new, gid=gid)
+        assert_exactly(data, new, gid)
+    assert at > 10, "a rewrite of two files has fewer steps than it must have"
+
+
+def test_a_rewrite_leaves_exactly_the_new_files_and_says_where(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    first = write_atomically(data, CERT_AND_KEY, gid=None)
+    assert first.generation == os.readlink(data / "..data")
+    new = {name: FileContent(b"renewed", c.mode) for name, c in CERT_AND_KEY.items()}
+
+    second = write_atomically(data, new, gid=None, after=first)
+
+    assert_exactly(data, new, None)
+    assert second.generation == os.readlink(data / "..data") != first.generation
+    assert not os.path.lexists(data / first.generation)
+
+
+def test_a_rewrite_with_other_names_checks_and_repairs_the_whole_folder(tmp_path: Path) -> None:
+    """The layout says two files; three are written (a JWT added), and a stray file left
+    in the folder by someone else is removed: the whole write runs."""
+    data = tmp_path / "data"
+    layout = write_atomically(data, CERT_AND_KEY, gid=None)
+    (data / "stray").write_bytes(b"x")
+    new = {**CERT_AND_KEY, "jwt.token": FileContent(b"token", 0o600)}
+
+    write_atomically(data, new, gid=None, after=layout)
+
+    assert_exactly(data, new, None)
+
+
+def test_a_rewrite_whose_previous_generation_was_changed_still_removes_it(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    layout = write_atomically(data, CERT_AND_KEY, gid=None)
+    (data / layout.generation / "extra").write_bytes(b"x")
+    new = {name: FileContent(b"renewed", c.mode) for name, c in CERT_AND_KEY.items()}
+
+    write_atomically(data, new, gid=None, after=layout)
+
+    assert_exactly(data, new, None)
 
 
 names = st.sampled_from(["svid.pem", "svid_key.pem", "svid_bundle.pem", "jwt.token", ".x"])

@@ -32,6 +32,19 @@ _DATA_TMP = "..data_tmp"
 _LINK_TMP = "..link_tmp"
 
 
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """What one successful :func:`write_atomically` left in its folder: the generation
+    ``..data`` points at and the names of its files, with their owner and label. Handed
+    back to the next write of the same folder (``after=``), it lets that write skip
+    checking and repairing the folder."""
+
+    generation: str
+    names: frozenset[str]
+    gid: int | None
+    label: str | None
+
+
 @dataclass(frozen=True)
 class FileContent:
     """One file of a volume: its bytes and its permission bits (e.g. 0o600 for a key)."""
@@ -216,7 +229,8 @@ def write_atomically(
     gid: int | None,
     selinux_context: str | None = None,
     fsync: bool = True,
-) -> None:
+    after: Layout | None = None,
+) -> Layout:
     """Replace the whole content of ``data_dir`` with ``files``; readers see old or new, no mix.
 
     With ``selinux_context`` every file, folder and link is labelled with it before it
@@ -235,16 +249,70 @@ def write_atomically(
     ``fsync=False`` leaves out every fsync: for a folder on tmpfs, where they change nothing
     (see :mod:`.sync`). The order of the writes, and so what a reader or a restarted driver
     sees after a crash of the driver, is the same.
+
+    ``after``: what the previous write of this folder returned, when it succeeded and
+    nothing else has written to the folder since (a volume rewriting its own files: a
+    rotation). If the new files have the same names, owner and label, the write then only
+    adds the new generation, swaps ``..data`` and removes the previous generation (about
+    half the system calls); the files must differ from that write's, since nothing is
+    compared. After any failure, pass None again: the next write checks and repairs the
+    whole folder.
     """
     _check(files)
+    path = os.fspath(data_dir)
     try:
-        _write(os.fspath(data_dir), files, gid, selinux_context, fsync)
+        if (
+            after is not None
+            and after.names == files.keys()
+            and after.gid == gid
+            and after.label == selinux_context
+        ):
+            generation = _rewrite(path, files, gid, selinux_context, fsync, after)
+        else:
+            generation = _write(path, files, gid, selinux_context, fsync)
     except OSError as exc:
         if isinstance(exc, StorageError):
             raise
         where = f" ({exc.filename})" if exc.filename and exc.filename != str(data_dir) else ""
         reason = exc.strerror or str(exc)
         raise StorageError(exc.errno or errno.EIO, f"writing {data_dir}: {reason}{where}") from exc
+    names = frozenset(files)
+    names = _NAME_SETS.setdefault(names, names) if len(_NAME_SETS) < 64 else names
+    return Layout(generation, names, gid, selinux_context)
+
+
+# The few sets of file names volumes use, shared: thousands of volumes hold one each.
+_NAME_SETS: dict[frozenset[str], frozenset[str]] = {}
+
+
+def _rewrite(
+    data_dir: str,
+    files: Mapping[str, FileContent],
+    gid: int | None,
+    selinux_context: str | None,
+    fsync: bool,
+    after: Layout,
+) -> str:
+    """A write whose folder holds exactly what ``after`` says: the visible names already
+    point through ``..data``, nothing stale is left, the folder's owner and label are set.
+    Same order as :func:`_write`: new generation, ``..data`` swapped, previous one removed."""
+    current = _write_generation(data_dir, files, gid, selinux_context, fsync)
+    link_tmp = os.path.join(data_dir, _DATA_TMP)
+    os.symlink(current, link_tmp)
+    _label(link_tmp, selinux_context)
+    os.rename(link_tmp, os.path.join(data_dir, DATA_LINK))
+    if fsync:
+        _fsync_dir(data_dir)
+    previous = os.path.join(data_dir, after.generation)
+    try:
+        for name in after.names:
+            os.unlink(os.path.join(previous, name))
+        os.rmdir(previous)
+    except OSError:
+        _remove(previous)  # not as it was left: remove whatever it holds
+    if fsync:
+        _fsync_dir(data_dir)
+    return current
 
 
 def _write(
@@ -253,7 +321,7 @@ def _write(
     gid: int | None,
     selinux_context: str | None,
     fsync: bool,
-) -> None:
+) -> str:
     try:
         os.mkdir(data_dir, 0o700)
         created = True
@@ -264,8 +332,7 @@ def _write(
     _set_owner_mode(data_dir, gid)
     _label(data_dir, selinux_context)
     if created:
-        _write_new(data_dir, files, gid, selinux_context, fsync)
-        return
+        return _write_new(data_dir, files, gid, selinux_context, fsync)
     current = _current(data_dir)
     _remove_stale(data_dir, keep=current)
     generation = None if current is None else os.path.join(data_dir, current)
@@ -292,6 +359,8 @@ def _write(
     _remove_stale(data_dir, keep=current)
     if fsync:
         _fsync_dir(data_dir)
+    assert current is not None  # the generation found unchanged, or the one just written
+    return current
 
 
 def _write_new(
@@ -300,7 +369,7 @@ def _write_new(
     gid: int | None,
     selinux_context: str | None,
     fsync: bool,
-) -> None:
+) -> str:
     """The first write into ``data_dir``, which this call created (so it is empty): the
     generation, then ``..data`` and the visible names, in the same order as any write."""
     current = _write_generation(data_dir, files, gid, selinux_context, fsync)
@@ -310,3 +379,4 @@ def _write_new(
         _label(path, selinux_context)
     if fsync:
         _fsync_dir(data_dir)
+    return current

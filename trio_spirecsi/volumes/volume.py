@@ -64,7 +64,7 @@ from ..spire.responses import (
     X509Update,
 )
 from ..spire.selectors import Selector
-from ..storage.writer import DATA_LINK, FileContent, write_atomically
+from ..storage.writer import DATA_LINK, FileContent, Layout, write_atomically
 from ..watched import Observable, Watched
 from .plan import VolumePlan
 from .trace import PublishTrace
@@ -310,6 +310,7 @@ class Volume:
         "_agent",
         "_dirty",
         "_jwt",
+        "_layout",
         "_metrics",
         "_now",
         "_problems",
@@ -358,6 +359,10 @@ class Volume:
         self._written_digest: bytes | None = None
         """Digest of the files last written: a bundle update that changes nothing for this
         volume writes nothing (and holds no copy of the files in memory)."""
+        self._layout: Layout | None = None
+        """What this process's last successful write left in the data folder: the next
+        write (a rotation) skips checking the folder. None at first (a resumed volume's
+        folder is checked and repaired by its first write) and after a failed write."""
         self._dirty = trio.Event()
         self.trace: PublishTrace | None = None
         """The publish waiting for this volume's first files, if any: its phases are marked."""
@@ -588,14 +593,16 @@ class Volume:
         started = time.perf_counter()
         try:
             plan = self.plan
-            write_atomically(
+            self._layout = write_atomically(
                 plan.data_dir,
                 files,
                 gid=spec.gid,
                 selinux_context=plan.selinux_context,
                 fsync=plan.fsync,
+                after=self._layout,
             )
         except OSError as exc:
+            self._layout = None  # the next write checks and repairs the whole folder
             self._metrics.errors_total.labels(kind="write_failed").inc()
             self._report(
                 "files",
