@@ -103,10 +103,14 @@ class Turns(trio.abc.Instrument):
         self.count += 1
 
 
+@pytest.mark.parametrize("busy", [False, True])
 async def test_burst_is_handed_over_a_few_callers_per_turn_behind_a_new_first_response(
-    sock_dir: Path,
+    sock_dir: Path, busy: bool
 ) -> None:
+    """``busy``: the channel's owner says it is busy (a publish in progress) all along, and
+    the burst is handed over ``messages_per_busy_turn`` callers per turn instead."""
     limits = ClientLimits.trusted()
+    most = limits.messages_per_busy_turn if busy else limits.messages_per_turn
     path = sock_dir / "agent.sock"
     turns = Turns()
     received: list[list[tuple[int, int]]] = [[] for _ in range(STREAMS)]  # (seq, turn)
@@ -116,7 +120,7 @@ async def test_burst_is_handed_over_a_few_callers_per_turn_behind_a_new_first_re
 
     async with trio.open_nursery() as nursery:
         await nursery.start(BurstAgent().serve, path)
-        async with open_channel(str(path), limits=limits) as channel:
+        async with open_channel(str(path), limits=limits, busy=lambda: busy) as channel:
 
             async def subscriber(index: int) -> None:
                 request = di.SubscribeToX509SVIDsRequest()
@@ -152,12 +156,13 @@ async def test_burst_is_handed_over_a_few_callers_per_turn_behind_a_new_first_re
     assert reply.name == "after the burst"
     # Every stream got all three messages, in order, none twice.
     assert all([seq for seq, _ in got] == [1, 2, 3] for got in received)
-    # At most messages_per_turn callers were handed burst messages in any one turn.
+    # At most messages_per_turn (busy: messages_per_busy_turn) callers were handed burst
+    # messages in any one turn.
     burst_turns = [got[1][1] for got in received]
     per_turn: dict[int, int] = {}
     for turn in {(index, turn) for index, got in enumerate(received) for _, turn in got[1:]}:
         per_turn[turn[1]] = per_turn.get(turn[1], 0) + 1
-    assert max(per_turn.values()) <= limits.messages_per_turn
+    assert max(per_turn.values()) <= most
     # The new call's answer, written after the whole burst, reached its caller while most
     # of the burst was still waiting for its turn.
     handed_before = sum(1 for turn in burst_turns if turn <= answered)

@@ -38,7 +38,6 @@ from .spire.agent import AgentClient
 from .storage.metadata import MetadataStore
 from .storage.mount import LinuxMounter, Mounter
 from .volumes.registry import Registry
-from .volumes.volume import RewriteLane
 from .workloadapi import serve_volume_socket
 
 logger = logging.getLogger(__name__)
@@ -97,14 +96,14 @@ async def _serve(
         metrics.errors_total.labels(kind=kind).inc()
 
     heap = HeapKeeper(settings.heap)
-    # Rotations give way to publishes: in the volumes' writes, and in how fast the agent
-    # connection hands its updates over.
-    rewrites = RewriteLane(after_write=heap.rewritten)
+    server = Server(ServerLimits.trusted(), on_error=count_error)
+    # While the kubelet waits for a call (a publish above all), the agent connection hands
+    # its updates (a rotation) over a few at a time: the call's steps wait less.
     async with open_channel(
         str(settings.admin_socket),
         limits=ClientLimits.trusted(),
         on_error=count_error,
-        busy=rewrites.busy,
+        busy=lambda: server.active_streams > 0,
     ) as channel:
         agent = AgentClient(channel, settings.admin_socket, metrics)
         async with trio.open_nursery() as nursery:
@@ -127,7 +126,7 @@ async def _serve(
                     on_error=count_error,
                     metrics=metrics,
                 ),
-                rewrites=rewrites,
+                after_rewrite=heap.rewritten,
             )
             await nursery.start(registry.run)
             node = NodeService(
@@ -136,7 +135,6 @@ async def _serve(
                 kubelet_dir=settings.kubelet_dir,
                 metrics=metrics,
             )
-            server = Server(ServerLimits.trusted(), on_error=count_error)
             IdentityService(settings.driver_name).register(server)
             node.register(server)
             await nursery.start(server.serve, str(settings.csi_socket))

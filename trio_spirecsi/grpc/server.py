@@ -154,7 +154,8 @@ class Server:
 
     @property
     def active_streams(self) -> int:
-        """How many handlers are running right now."""
+        """How many calls are in progress right now: from their request's headers to their
+        status."""
         return self._active
 
     @property
@@ -368,7 +369,13 @@ class ServerConnection:
         call = ServerCall(event.stream_id, math.inf if deadline is None else deadline)
         self._calls[event.stream_id] = call
         self.transport.set_busy(True)
-        self._nursery.start_soon(self._run_call, call, route, context)
+        # Counted from now, not from the handler's first step a turn later.
+        self._server._active += 1
+        try:
+            self._nursery.start_soon(self._run_call, call, route, context)
+        except BaseException:
+            self._server._active -= 1
+            raise
 
     def _answer(self, stream_id: int, code: StatusCode, message: str) -> None:
         """End a stream with a status before any response was sent."""
@@ -384,7 +391,6 @@ class ServerConnection:
             self.transport.flush()
 
     async def _run_call(self, call: ServerCall, route: _Route, context: ServerContext) -> None:
-        self._server._active += 1
         try:
             status = await self._handle(call, route, context)
             if status is not None and not call.reset:

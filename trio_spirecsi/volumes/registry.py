@@ -128,7 +128,7 @@ class Registry:
         socket_server: SocketServer | None = None,
         now: Callable[[], float] = time.time,
         retry: BackoffPolicy = AGENT_RETRY,
-        rewrites: RewriteLane | None = None,
+        after_rewrite: Callable[[], None] = lambda: None,
     ) -> None:
         self._store = store
         self._mounter = mounter
@@ -143,7 +143,7 @@ class Registry:
         self._retry = retry
         self._entries: dict[str, Entry] = {}
         self._locks: dict[str, tuple[trio.Lock, int]] = {}
-        self._rewrites = rewrites or RewriteLane()
+        self._rewrites = RewriteLane(after_write=after_rewrite)
         self._nursery: trio.Nursery | None = None
         metrics.set_expiry_source(self._expiries)
 

@@ -143,10 +143,6 @@ class RewriteLane:
         if self.publishing == 1:
             self._idle = trio.Event()
 
-    def busy(self) -> bool:
-        """A publish is in progress."""
-        return self.publishing > 0
-
     def publish_ended(self) -> None:
         self.publishing -= 1
         if self.publishing == 0:
