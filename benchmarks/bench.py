@@ -401,8 +401,9 @@ async def probe_rows(bench: Bench) -> None:
     )
 
 
-async def ccore_handler_seconds(bench: Bench) -> list[float]:
-    """Every publish handler time the C-core driver has recorded so far."""
+async def ccore_stats(bench: Bench) -> dict[str, Any]:
+    """What the C-core driver has recorded so far: ``handler_seconds`` of every publish, and
+    ``phase_seconds`` by phase (absent from an earlier commit's C-core driver)."""
     assert bench.ccore is not None
     stats = bench.root / "ccore-stats.json"
     stats.unlink(missing_ok=True)
@@ -410,8 +411,8 @@ async def ccore_handler_seconds(bench: Bench) -> list[float]:
     with trio.fail_after(10):
         while not stats.exists():
             await trio.sleep(0.01)
-    seconds: list[float] = json.loads(stats.read_text())["handler_seconds"]
-    return seconds
+    found: dict[str, Any] = json.loads(stats.read_text())
+    return found
 
 
 async def compare_rows(bench: Bench, client: CSIClient, ccore: CSIClient, publishes: int) -> None:
@@ -435,7 +436,8 @@ async def compare_rows(bench: Bench, client: CSIClient, ccore: CSIClient, publis
     theirs_cpu = (cpu_seconds(bench.ccore.pid) - cpu[1]) / publishes * 1000
     after = await bench.scrape()
     agent_s = (await bench.agent.stats())["answers"][answers:]
-    theirs_handler = statistics.mean((await ccore_handler_seconds(bench))[-publishes:]) * 1000
+    theirs_stats = await ccore_stats(bench)
+    theirs_handler = statistics.mean(theirs_stats["handler_seconds"][-publishes:]) * 1000
     for volume_id, target in theirs:
         await ccore.unpublish(volume_id, str(target))
     (o50, o99), (t50, t99) = p50_p99(ours_s), p50_p99(theirs_s)
@@ -473,6 +475,13 @@ async def compare_rows(bench: Bench, client: CSIClient, ccore: CSIClient, publis
         "  C-core driver: its handler / outside it (mean)",
         f"{theirs_handler:.2f} ms / {theirs_mean - theirs_handler:.2f} ms",
     )
+    phases = theirs_stats.get("phase_seconds", {})
+    if phases:
+        shown = ", ".join(
+            f"{phase} {statistics.mean(seconds[-publishes:]) * 1000:.2f}"
+            for phase, seconds in phases.items()
+        )
+        bench.row("  C-core driver: its handler's phases (mean, ms)", shown)
     if bench.launcher is not None and bench.launcher[0] == "benchmarks.profiled":
         out = bench.launcher[1]
         print(f"\nprofile of the driver during the sequential publishes: {out}")

@@ -46,6 +46,10 @@ from trio_spirecsi.storage.paths import open_target
 from trio_spirecsi.storage.writer import FileContent, write_atomically
 
 _POD = "csi.storage.k8s.io/pod."
+CCORE_PHASES = ("metadata", "first_svid", "write", "mount")
+"""What its handler times, each from the end of the previous: the request read, the target
+held and the metadata written; the subscription sent and its first SVID received; the files
+written; the bind mount."""
 
 
 class _Volume:
@@ -68,6 +72,7 @@ class CCoreDriver:
         self.bundles: dict[str, tuple[bytes, ...]] = {}
         self.have_bundles = threading.Event()
         self.handler_seconds: list[float] = []
+        self.phase_seconds: dict[str, list[float]] = {phase: [] for phase in CCORE_PHASES}
         self.subscribe = self.channel.unary_stream(
             methods.SUBSCRIBE_TO_X509_SVIDS.path,
             request_serializer=di.SubscribeToX509SVIDsRequest.SerializeToString,
@@ -125,21 +130,28 @@ class CCoreDriver:
             node_id=self.node_id,
             created_at=time.time(),
         )
+        marks = [started]
         with open_target(self.kubelet_dir, request.target_path) as target:
             self.store.write(md)
+            marks.append(time.perf_counter())
             call = self.subscribe(di.SubscribeToX509SVIDsRequest(selectors=selectors))
             responses: Iterator[di.SubscribeToX509SVIDsResponse] = iter(call)
             first = next(r for r in responses if r.x509_svids)
             self.have_bundles.wait(30)
+            marks.append(time.perf_counter())
             data_dir = self.store.data_dir(volume_id)
             write_atomically(data_dir, self._files(first), gid=None)
+            marks.append(time.perf_counter())
             self.mounter.bind_readonly(data_dir, target)
+            marks.append(time.perf_counter())
         volume = _Volume(call, data_dir, request.target_path)
         volume.thread = threading.Thread(target=self._follow, args=(volume, responses))
         volume.thread.start()
         with self.lock:
             self.volumes[volume_id] = volume
             self.handler_seconds.append(time.perf_counter() - started)
+            for phase, begin, end in zip(CCORE_PHASES, marks, marks[1:], strict=False):
+                self.phase_seconds[phase].append(end - begin)
         return csi.NodePublishVolumeResponse()
 
     def _follow(
@@ -201,9 +213,12 @@ def serve(args: argparse.Namespace) -> None:
     def dump(signum: int, frame: object) -> None:
         if args.stats is not None:
             with driver.lock:
-                seconds = list(driver.handler_seconds)
+                stats = {
+                    "handler_seconds": list(driver.handler_seconds),
+                    "phase_seconds": {k: list(v) for k, v in driver.phase_seconds.items()},
+                }
             tmp = args.stats.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"handler_seconds": seconds}))
+            tmp.write_text(json.dumps(stats))
             tmp.rename(args.stats)
 
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
