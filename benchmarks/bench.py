@@ -9,9 +9,13 @@ both see the same machine at the same moment, and the table shows both with thei
 Absolute times drift on a shared machine; compare within one run. Prints a table.
 
     python -m benchmarks.bench [--volumes 1000] [--publishes 500] [--storm-publishes 200]
+                               [--storm-every SECONDS]
                                [--profile OUT.prof | --loop-stats OUT.json] [--driver-path DIR]
                                [--agent dev|go]
 
+``--storm-every`` fixes the storm's period (by default 1.5 times the rotation row's time, at
+least 0.2 s: a driver that rotates faster meets storms more often); give the same period to
+compare two commits' storm rows under the same load.
 ``--profile`` runs the driver under cProfile during the sequential publishes only (its
 latency is then not comparable); read the result with ``python -m pstats OUT.prof``.
 ``--loop-stats`` times the driver's event loop (scheduler turns, long task steps, garbage
@@ -580,6 +584,7 @@ async def run(
     launcher: tuple[str, Path] | None,
     driver_path: Path | None,
     go_agent: Path | None = None,
+    storm_every: float | None = None,
 ) -> None:
     root = Path(tempfile.mkdtemp(prefix="trio-spirecsi-bench-"))
     # The state dir is on tmpfs in production (/run): measure it there, not on /tmp's disk.
@@ -640,7 +645,8 @@ async def run(
 
             took = await rotation_row(bench)
             # Rotations back to back, each with time to land while publishes run.
-            await storm_rows(bench, client, ccore, storm, every=max(1.5 * took, 0.2))
+            every = storm_every if storm_every is not None else max(1.5 * took, 0.2)
+            await storm_rows(bench, client, ccore, storm, every=every)
             bench.stop(bench.ccore)
             await restart_row(bench)
             for volume_id, target_path in bench.volumes:
@@ -733,6 +739,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--volumes", type=int, default=1000)
     parser.add_argument("--publishes", type=int, default=500)
     parser.add_argument("--storm-publishes", type=int, default=200)
+    parser.add_argument(
+        "--storm-every",
+        type=float,
+        help="seconds between the storm's rotations (default: 1.5 times the rotation row's)",
+    )
     watch = parser.add_mutually_exclusive_group()
     watch.add_argument("--profile", type=Path, help="profile the driver into this file")
     watch.add_argument(
@@ -767,7 +778,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         if built.returncode != 0:
             sys.exit("bench: could not build the grpc-go agent (see above)")
         go_agent = Path(built.stdout.split()[-1])
-    trio.run(run, volumes, args.publishes, args.storm_publishes, launcher, driver_path, go_agent)
+    if args.storm_every is not None and not args.storm_every > 0:
+        sys.exit("bench: --storm-every must be a positive number of seconds")
+    trio.run(
+        run,
+        volumes,
+        args.publishes,
+        args.storm_publishes,
+        launcher,
+        driver_path,
+        go_agent,
+        args.storm_every,
+    )
 
 
 if __name__ == "__main__":
