@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from tests.generations import read_current
 from trio_spirecsi.storage import FileContent, StorageError, write_atomically
 from trio_spirecsi.storage import writer as writer_module
+from trio_spirecsi.storage.writer import Layout
 
 Files = Mapping[str, FileContent]
 
@@ -258,11 +259,13 @@ class _CrashingOs:
         return step
 
 
-def _crashing_write(data_dir: Path, files: Files, gid: int | None, at: int) -> bool:
+def _crashing_write(
+    data_dir: Path, files: Files, gid: int | None, at: int, after: Layout | None = None
+) -> bool:
     """Run write_atomically dying at step ``at``; True if it crashed."""
     with mock.patch.object(writer_module, "os", _CrashingOs(at)):
         try:
-            write_atomically(data_dir, files, gid=gid)
+            write_atomically(data_dir, files, gid=gid, after=after)
         except _Crash:
             return True
     return False
@@ -311,14 +314,7 @@ def test_every_crash_point_of_a_rewrite_is_repaired_by_a_whole_write(
         at += 1
         data = tmp_path / f"crash-at-{at}"
         layout = write_atomically(data, CERT_AND_KEY, gid=gid)
-        with mock.patch.object(writer_module, "os", _CrashingOs(at)):
-            try:
-                write_atomically(data, new, gid=gid, after=layout)
-            except _Crash:
-                crashed = True
-            else:
-                crashed = False
-        if not crashed:
+        if not _crashing_write(data, new, gid, at, after=layout):
             assert_exactly(data, new, gid)
             break
         assert read_current(data) in (old_bytes, new_bytes), f"crash at step {at}"
@@ -470,13 +466,15 @@ def small_tmpfs(private_mount_ns: None, tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "--lazy", str(path)], check=True)
 
 
+@pytest.mark.parametrize("rewrite", [False, True])
 def test_a_full_disk_keeps_the_previous_files_and_leaves_no_half_generation(
-    small_tmpfs: Path,
+    small_tmpfs: Path, rewrite: bool
 ) -> None:
+    """``rewrite``: the failing write is handed the previous write's layout (a rotation)."""
     tmpfs = small_tmpfs
     data = tmpfs / "data"
     old = {"svid.pem": FileContent(b"old cert", 0o644), "svid_key.pem": FileContent(b"k", 0o600)}
-    write_atomically(data, old, gid=None)
+    layout = write_atomically(data, old, gid=None)
     generations = {n for n in os.listdir(data) if n.startswith("..") and n != "..data"}
     filler = tmpfs / "filler"
     with open(filler, "wb", buffering=0) as fh, contextlib.suppress(OSError):
@@ -487,7 +485,7 @@ def test_a_full_disk_keeps_the_previous_files_and_leaves_no_half_generation(
         "svid_key.pem": FileContent(b"k", 0o600),
     }
     with pytest.raises(OSError) as info:
-        write_atomically(data, big, gid=None)
+        write_atomically(data, big, gid=None, after=layout if rewrite else None)
     assert info.value.errno == errno.ENOSPC
     assert read_current(data) == {"svid.pem": b"old cert", "svid_key.pem": b"k"}
     assert {n for n in os.listdir(data) if n.startswith("..") and n != "..data"} == generations

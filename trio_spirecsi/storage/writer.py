@@ -285,6 +285,24 @@ def write_atomically(
 _NAME_SETS: dict[frozenset[str], frozenset[str]] = {}
 
 
+def _swap_in(
+    data_dir: str,
+    files: Mapping[str, FileContent],
+    gid: int | None,
+    selinux_context: str | None,
+    fsync: bool,
+) -> str:
+    """Write ``files`` as a new generation and point ``..data`` at it with one rename."""
+    current = _write_generation(data_dir, files, gid, selinux_context, fsync)
+    link_tmp = os.path.join(data_dir, _DATA_TMP)
+    os.symlink(current, link_tmp)
+    _label(link_tmp, selinux_context)
+    os.rename(link_tmp, os.path.join(data_dir, DATA_LINK))
+    if fsync:
+        _fsync_dir(data_dir)
+    return current
+
+
 def _rewrite(
     data_dir: str,
     files: Mapping[str, FileContent],
@@ -296,13 +314,7 @@ def _rewrite(
     """A write whose folder holds exactly what ``after`` says: the visible names already
     point through ``..data``, nothing stale is left, the folder's owner and label are set.
     Same order as :func:`_write`: new generation, ``..data`` swapped, previous one removed."""
-    current = _write_generation(data_dir, files, gid, selinux_context, fsync)
-    link_tmp = os.path.join(data_dir, _DATA_TMP)
-    os.symlink(current, link_tmp)
-    _label(link_tmp, selinux_context)
-    os.rename(link_tmp, os.path.join(data_dir, DATA_LINK))
-    if fsync:
-        _fsync_dir(data_dir)
+    current = _swap_in(data_dir, files, gid, selinux_context, fsync)
     previous = os.path.join(data_dir, after.generation)
     try:
         for name in after.names:
@@ -337,13 +349,7 @@ def _write(
     _remove_stale(data_dir, keep=current)
     generation = None if current is None else os.path.join(data_dir, current)
     if generation is None or not _unchanged(generation, files, gid, selinux_context):
-        current = _write_generation(data_dir, files, gid, selinux_context, fsync)
-        link_tmp = os.path.join(data_dir, _DATA_TMP)
-        os.symlink(current, link_tmp)
-        _label(link_tmp, selinux_context)
-        os.rename(link_tmp, os.path.join(data_dir, DATA_LINK))
-        if fsync:
-            _fsync_dir(data_dir)
+        current = _swap_in(data_dir, files, gid, selinux_context, fsync)
     for name in files:
         link = f"{DATA_LINK}/{name}"
         try:
