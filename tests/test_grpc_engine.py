@@ -28,6 +28,7 @@ from trio_spirecsi.grpc._protocol import (
     SettingsChanged,
     StreamEnded,
     StreamFailed,
+    WindowUpdated,
 )
 from trio_spirecsi.grpc._purerpc import BadMessage, MessageReader, MessageTooLarge
 from trio_spirecsi.grpc.limits import WireLimits
@@ -440,6 +441,94 @@ def test_the_fast_data_path_does_exactly_what_h2_does(
         other = fast.h2.streams[sid]
         assert other.state_machine.state == stream.state_machine.state
         assert other.inbound_flow_control_window == stream.inbound_flow_control_window
+
+
+CONTROL_STEPS = st.lists(
+    st.one_of(
+        st.tuples(  # PING: flags (ACK or not, unknown bits), stream, length of its data
+            st.just(0x6),
+            st.sampled_from([0x0, 0x1, 0x80]),
+            st.sampled_from([0, 0, 0, 1]),
+            st.sampled_from([8, 8, 8, 0, 7, 9]),
+        ),
+        st.tuples(  # WINDOW_UPDATE: flags, stream (0: the connection), increment
+            st.just(0x8),
+            st.just(0x0),
+            st.sampled_from([0, 0, 0, 1, 3, 7]),
+            st.one_of(
+                st.integers(1, 70_000),
+                st.sampled_from([0, 2**31 - 1, 2**31, 2**32 - 1, 2**30]),
+            ),
+        ),
+        # Something about the streams between them: DATA for stream 1, or a GOAWAY.
+        st.tuples(st.just(0x0), st.just(0x0), st.just(1), st.integers(0, 100)),
+        st.tuples(st.just(0x7), st.just(0x0), st.just(0), st.sampled_from([1, 3])),
+    ),
+    max_size=25,
+)
+
+
+def _control_frame(kind: int, flags: int, sid: int, value: int) -> bytes:
+    if kind == 0x6:
+        return raw_frame(kind, flags, sid, bytes(range(value)))
+    if kind == 0x8:
+        return raw_frame(kind, flags, sid, value.to_bytes(4, "big"))
+    if kind == 0x0:
+        return raw_frame(kind, flags, sid, b"\x00" + value.to_bytes(4, "big") + bytes(value))
+    return raw_frame(kind, flags, sid, struct.pack(">II", value, 0))
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(steps=CONTROL_STEPS)
+@example(steps=[(0x8, 0x0, 0, 2**31 - 1 - 65_535), (0x8, 0x0, 0, 1)])  # one past the limit
+@example(steps=[(0x6, 0x1, 0, 8), (0x6, 0x0, 1, 8), (0x6, 0x0, 0, 7)])
+def test_the_fast_control_path_does_exactly_what_h2_does(
+    steps: list[tuple[int, int, int, int]],
+) -> None:
+    """PING and the connection's WINDOW_UPDATE skip h2's frame machinery where they can:
+    the same events, the same bytes sent back (PING ACK, GOAWAY), the same send windows
+    and the same end of the connection as a core that hands them to h2, whatever the
+    frames (ACKs, streams other than 0, wrong lengths, increments out of range, a window
+    overflow)."""
+    fast, reference = _client_with_streams(), _client_with_streams()
+    reference._receive_control = lambda frame, out: False  # type: ignore[method-assign]
+    for core in (fast, reference):
+        core.data_to_send()
+    for step in steps:
+        frame = _control_frame(*step)
+        results = [
+            (core.receive(frame, now=0.0), core.data_to_send()) for core in (fast, reference)
+        ]
+        assert results[0] == results[1]
+        assert fast.failure == reference.failure
+        assert fast.h2.outbound_flow_control_window == reference.h2.outbound_flow_control_window
+    for sid, stream in reference.h2.streams.items():
+        other = fast.h2.streams[sid]
+        assert other.outbound_flow_control_window == stream.outbound_flow_control_window
+        assert other.state_machine.state == stream.state_machine.state
+
+
+def test_a_grpc_go_answer_s_ping_and_window_update_never_reach_h2() -> None:
+    """grpc-go sends a WINDOW_UPDATE of the connection and a PING (its bandwidth probe)
+    with the answer to nearly every request: both are taken beside h2, the PING answered."""
+    core = _client_with_streams()
+    core.data_to_send()
+    handled = 0
+    original = core.h2.receive_data
+
+    def counted(data: bytes) -> Any:
+        nonlocal handled
+        handled += 1
+        return original(data)
+
+    core.h2.receive_data = counted
+    window = core.h2.outbound_flow_control_window
+    probe = raw_frame(0x8, 0, 0, (1000).to_bytes(4, "big")) + raw_frame(0x6, 0, 0, b"bdp-ping")
+    events = core.receive(probe, now=0.0)
+    assert events == [WindowUpdated(0)]
+    assert core.h2.outbound_flow_control_window == window + 1000
+    assert core.data_to_send() == raw_frame(0x6, 0x1, 0, b"bdp-ping")
+    assert handled == 0
 
 
 def test_the_fast_data_path_carries_the_bulk_of_an_agent_connection() -> None:

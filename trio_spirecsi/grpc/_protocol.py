@@ -126,6 +126,9 @@ _END_HEADERS = 0x4
 _PADDED = 0x8
 _PRIORITY_FLAG = 0x20
 _PLAIN_HEADERS = _END_HEADERS | _PADDED | _PRIORITY_FLAG
+_CONNECTION = b"\x00\x00\x00\x00"  # stream 0
+_PING_ACK = b"\x00\x00\x08\x06\x01\x00\x00\x00\x00"  # a PING ACK frame's header
+_MAX_WINDOW = 2**31 - 1
 _HEADERS_ONLY = ("END_HEADERS",)
 _HEADERS_END_STREAM = ("END_HEADERS", "END_STREAM")
 _RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
@@ -920,9 +923,14 @@ class ProtocolCore:
 
     def _process(self, frame: bytes, events: list[Event]) -> bool:
         """Handle one whole frame; True once the connection has failed (stop there)."""
-        if frame[3] == _DATA and not frame[4] & _PADDED:
+        frame_type = frame[3]
+        plain_data = frame_type == _DATA and not frame[4] & _PADDED
+        if plain_data or frame_type in (_PING, _WINDOW_UPDATE):
             try:
-                if self._receive_data(frame, events):
+                if frame_type == _DATA:
+                    if self._receive_data(frame, events):
+                        return False
+                elif self._receive_control(frame, events):
                     return False
             except Exception as exc:  # a bug of ours: this connection only
                 events.append(self.fail_internal(exc))
@@ -981,6 +989,34 @@ class ProtocolCore:
             self._on_end(sid, out)
         else:
             self._on_data(sid, frame[9:], size, out)
+        return True
+
+    def _receive_control(self, frame: bytes, out: list[Event]) -> bool:
+        """A PING, or a WINDOW_UPDATE of the connection, well formed, on an open connection:
+        what h2 does with it (PING answered with an ACK carrying the same data; the send
+        window grown, WindowUpdated) without its frame buffer, parser and dispatch. A gRPC
+        server sends both with nearly every response (grpc-go's bandwidth probe). False
+        leaves the frame to h2: a stream's WINDOW_UPDATE, a wrong length, an increment out
+        of range or a window overflow, a closed connection."""
+        conn = self.h2
+        if frame[5:9] != _CONNECTION or conn.state_machine.state is ConnectionState.CLOSED:
+            return False
+        if frame[3] == _PING:
+            if len(frame) != 17:
+                return False
+            conn.state_machine.process_input(ConnectionInputs.RECV_PING)
+            if not frame[4] & _ACK:
+                conn._data_to_send += _PING_ACK + frame[9:]
+            return True
+        if len(frame) != 13:
+            return False
+        increment = int.from_bytes(frame[9:13], "big")
+        window = conn.outbound_flow_control_window + increment
+        if not 1 <= increment <= _MAX_WINDOW or window > _MAX_WINDOW:
+            return False
+        conn.state_machine.process_input(ConnectionInputs.RECV_WINDOW_UPDATE)
+        conn.outbound_flow_control_window = window
+        out.append(WindowUpdated(0))
         return True
 
     def _translate(self, event: Any, out: list[Event]) -> None:
