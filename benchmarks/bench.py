@@ -66,6 +66,7 @@ from .workload_api import workload_api_latency
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
 ROTATIONS = "trio_spirecsi_svid_rotations_total"
+PHASE_SECONDS = "trio_spirecsi_publish_phase_seconds"
 CHECKOUT = Path(__file__).resolve().parent.parent
 _SAMPLE = re.compile(r"^([a-z_]+)(?:\{([^}]*)\})? (\S+)$")
 _LABEL = re.compile(r'([a-z_]+)="([^"]*)"')
@@ -459,10 +460,10 @@ async def compare_rows(bench: Bench, client: CSIClient, ccore: CSIClient, publis
     )
 
     for phase in PUBLISH_PHASES:
-        if f"trio_spirecsi_publish_phase_seconds_sum{{{phase}}}" not in after:
+        if f"{PHASE_SECONDS}_sum{{{phase}}}" not in after:
             bench.row(f"  publish phase: {phase} (mean)", "n/a (the driver does not report it)")
             continue
-        seconds = mean_ms(before, after, "trio_spirecsi_publish_phase_seconds", phase)
+        seconds = mean_ms(before, after, PHASE_SECONDS, phase)
         bench.row(f"  publish phase: {phase} (mean)", f"{seconds:.2f} ms")
     p50, _ = p50_p99(agent_s)
     bench.row(
@@ -549,11 +550,9 @@ async def storm_rows(
         f"{_ms(latencies)} ({done} rotations, {landed} landed)",
     )
     bench.row("  C-core driver meanwhile, alternating (p50 / p99)", _ms(theirs_s))
-    if "trio_spirecsi_publish_phase_seconds_sum{mount}" in after:
-        phases = [
-            f"{p} {mean_ms(before, after, 'trio_spirecsi_publish_phase_seconds', p):.1f}"
-            for p in PUBLISH_PHASES
-        ]
+    reported = [p for p in PUBLISH_PHASES if f"{PHASE_SECONDS}_sum{{{p}}}" in after]
+    if reported:
+        phases = [f"{p} {mean_ms(before, after, PHASE_SECONDS, p):.1f}" for p in reported]
         bench.row("  its phases (mean, ms)", ", ".join(phases))
         agent_s = (await bench.agent.stats())["answers"][answers:]
         bench.row(
@@ -561,7 +560,7 @@ async def storm_rows(
             "drivers)",
             _ms(agent_s),
         )
-        slow = {p: over(before, after, p, "0.01") for p in PUBLISH_PHASES}
+        slow = {p: over(before, after, p, "0.01") for p in reported}
         bench.row(
             f"  its publishes with a phase over 10 ms (of {publishes})",
             ", ".join(f"{p} {n}" for p, n in slow.items() if n) or "none",
@@ -571,7 +570,7 @@ async def storm_rows(
 def over(before: dict[str, float], after: dict[str, float], phase: str, le: str) -> int:
     """Publishes between two scrapes whose ``phase`` took longer than ``le`` seconds (the
     phase histogram's count minus its bucket)."""
-    name = "trio_spirecsi_publish_phase_seconds"
+    name = PHASE_SECONDS
     within = after[f"{name}_bucket{{{le},{phase}}}"] - before[f"{name}_bucket{{{le},{phase}}}"]
     count = after[f"{name}_count{{{phase}}}"] - before[f"{name}_count{{{phase}}}"]
     return int(count - within)
