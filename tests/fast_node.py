@@ -277,6 +277,8 @@ async def _handled(
     except Exception:
         logger.exception("gRPC handler for %s failed", method.path)
         raise RpcError(StatusCode.UNKNOWN, f"internal error in {method.path}") from None
+    finally:
+        context.responded()
 
 
 @asynccontextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -177,6 +178,60 @@ async def test_handler_bug_is_unknown_with_a_safe_message_and_logged_traceback(
     [record] = [r for r in caplog.records if r.exc_info]
     assert record.levelno == logging.ERROR
     assert record.exc_info is not None and isinstance(record.exc_info[1], ValueError)
+
+
+async def test_after_response_work_runs_once_the_client_has_its_answer(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Work a handler leaves for after its response (a log line, metrics) runs once per
+    call, after the answer has left: a grpcio client has it while that work still runs.
+    Work that fails is logged; the connection and the next call go on."""
+    done: list[tuple[str, float]] = []
+
+    def slow() -> None:
+        time.sleep(0.5)  # holds the event loop: the answer must have left before
+        done.append(("slow", time.monotonic()))
+
+    def broken() -> None:
+        done.append(("broken", time.monotonic()))
+        raise ValueError("after-response bug")
+
+    async def info(request: csi.GetPluginInfoRequest, ctx: ServerContext) -> Any:
+        ctx.after_response(slow)
+        return csi.GetPluginInfoResponse(name="example.org")
+
+    async def probe(request: csi.ProbeRequest, ctx: ServerContext) -> Any:
+        ctx.after_response(broken)
+        raise RpcError(StatusCode.FAILED_PRECONDITION, "not ready")
+
+    server = Server()
+    server.add_unary(methods.GET_PLUGIN_INFO, info)
+    server.add_unary(methods.PROBE, probe)
+    path = sock_dir / "csi.sock"
+
+    def client() -> tuple[float, str, str]:
+        with grpcio_channel(path) as channel:
+            reply = unary_call(channel, methods.GET_PLUGIN_INFO)(
+                csi.GetPluginInfoRequest(), timeout=10
+            )
+            answered = time.monotonic()
+            with pytest.raises(grpc.RpcError) as failed:
+                unary_call(channel, methods.PROBE)(csi.ProbeRequest(), timeout=10)
+            again = unary_call(channel, methods.GET_PLUGIN_INFO)(
+                csi.GetPluginInfoRequest(), timeout=10
+            )
+            return answered, reply.name + again.name, failed.value.details()
+
+    with caplog.at_level(logging.ERROR, logger="trio_spirecsi.grpc"):
+        async with serving(server, path):
+            answered, names, details = await in_thread(client)
+
+    assert names == "example.orgexample.org" and details == "not ready"
+    assert [name for name, _ in done] == ["slow", "broken", "slow"]
+    assert answered < done[0][1], "the client had its answer only after the work"
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert record.exc_info is not None and isinstance(record.exc_info[1], ValueError)
+    assert "/csi.v1.Identity/Probe" in record.getMessage()
 
 
 async def test_grpcio_client_cancel_cancels_our_blocked_handlers(sock_dir: Path) -> None:

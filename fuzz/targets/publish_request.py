@@ -53,9 +53,6 @@ def _service() -> tuple[AcceptingRegistry, NodeService]:
     return registry, node
 
 
-CONTEXT = ServerContext(method=methods.NODE_PUBLISH_VOLUME, metadata={}, deadline=None, peer=None)
-
-
 def test_one_input(data: bytes) -> str:
     try:
         request = csi.NodePublishVolumeRequest.FromString(data)
@@ -63,7 +60,10 @@ def test_one_input(data: bytes) -> str:
         return "undecodable"
     registry, node = _service()
     registry.last = None
-    call = cast(Coroutine[Any, Any, object], handler(node.publish)(request, CONTEXT))
+    context = ServerContext(
+        method=methods.NODE_PUBLISH_VOLUME, metadata={}, deadline=None, peer=None
+    )
+    call = cast(Coroutine[Any, Any, object], handler(node.publish)(request, context))
     try:
         call.send(None)
     except StopIteration:
@@ -75,6 +75,8 @@ def test_one_input(data: bytes) -> str:
     else:
         call.close()
         raise AssertionError("the handler waited although the registry never does")
+    finally:
+        context.responded()  # as the server does: the call's log line and metrics
     req = registry.last
     if req is None:
         raise AssertionError("OK without a publish reaching the registry")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 from .. import log
@@ -119,17 +120,23 @@ class NodeService:
             raise
         finally:
             elapsed = time.perf_counter() - started
-            self._metrics.publish_duration.labels(outcome=outcome).observe(elapsed)
-            if outcome == "ok" and trace.complete:
-                self._phases(trace, fields)
-            log.event(
-                logger,
-                logging.INFO if outcome == "ok" else logging.WARNING,
-                "publish",
-                outcome=outcome,
-                duration_ms=round(elapsed * 1000, 2),
-                **fields,
-            )
+            # Counted and logged once the answer has left: the kubelet does not wait for it.
+            context.after_response(partial(self._published, outcome, elapsed, trace, fields))
+
+    def _published(
+        self, outcome: str, elapsed: float, trace: PublishTrace, fields: dict[str, str]
+    ) -> None:
+        self._metrics.publish_duration.labels(outcome=outcome).observe(elapsed)
+        if outcome == "ok" and trace.complete:
+            self._phases(trace, fields)
+        log.event(
+            logger,
+            logging.INFO if outcome == "ok" else logging.WARNING,
+            "publish",
+            outcome=outcome,
+            duration_ms=round(elapsed * 1000, 2),
+            **fields,
+        )
 
     def _phases(self, trace: PublishTrace, fields: dict[str, str]) -> None:
         for name, seconds in trace.durations.items():

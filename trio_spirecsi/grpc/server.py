@@ -20,7 +20,7 @@ import stat
 import struct
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Generic, TypeAlias
 
@@ -81,6 +81,25 @@ class ServerContext:
     deadline: float | None
     """trio.current_time() at which the client gives up, from grpc-timeout."""
     peer: PeerCredentials | None
+    _after: list[Callable[[], None]] = field(
+        default_factory=list, init=False, repr=False, compare=False
+    )
+
+    def after_response(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once the call's response (or its status) has been handed to the
+        connection: work the client need not wait for, such as a log line or metrics. It
+        runs in the call's task and must not block; an exception from it is logged."""
+        self._after.append(fn)
+
+    def responded(self) -> None:
+        """The response has left: run what :meth:`after_response` was given (the server
+        calls this; so does anything that calls a handler the way the server does)."""
+        after, self._after[:] = list(self._after), []
+        for fn in after:
+            try:
+                fn()
+            except Exception:
+                logger.exception("gRPC after-response work for %s failed", self.method.path)
 
 
 UnaryHandler: TypeAlias = Callable[[Any, ServerContext], Awaitable[Any]]
@@ -407,6 +426,7 @@ class ServerConnection:
                 self.transport.set_busy(False)
                 if self._draining:
                     self.transport.close(ErrorCodes.NO_ERROR, None, "client sent GOAWAY")
+            context.responded()
 
     async def _handle(
         self, call: ServerCall, route: _Route, context: ServerContext
