@@ -248,18 +248,11 @@ MUTANTS: tuple[Mutant, ...] = (
         "trio_spirecsi/volumes/registry.py",
         (
             (
-                '                    trace.mark("ready")\n                except BaseException:',
-                '                    trace.mark("ready")\n                except Exception:',
+                '                    trace.mark("mount")\n                except BaseException:',
+                '                    trace.mark("mount")\n                except Exception:',
             ),
         ),
         _fast("test_a_cancelled_publish_leaves_nothing_behind"),
-    ),
-    Mutant(
-        "early-mount-kept",
-        "a publish that fails after its mount (made while the agent answers) leaves it",
-        "trio_spirecsi/volumes/registry.py",
-        (("target if mount.done else None", "None"),),
-        _fast("test_a_publish_mounts_while_the_agent_answers_and_unmounts_when_no_svid_comes"),
     ),
     Mutant(
         "no-per-volume-lock",

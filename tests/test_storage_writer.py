@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from tests.generations import read_current
 from trio_spirecsi.storage import FileContent, StorageError, write_atomically
 from trio_spirecsi.storage import writer as writer_module
-from trio_spirecsi.storage.writer import Layout, prepare_folder
+from trio_spirecsi.storage.writer import Layout
 
 Files = Mapping[str, FileContent]
 
@@ -107,35 +107,6 @@ def test_the_key_is_never_world_readable(root: None, tmp_path: Path, gid: int | 
         generation = data / os.readlink(data / "..data")
         assert os.stat(generation / "svid_key.pem").st_mode & 0o007 == 0
         assert os.stat(data / "svid_key.pem").st_mode & 0o007 == 0
-
-
-@pytest.mark.parametrize("gid", [None, 1234])
-def test_a_prepared_folder_is_empty_then_written_like_a_new_one(
-    root: None, tmp_path: Path, gid: int | None
-) -> None:
-    """The folder a publish bind-mounts before the first SVID: already owned and moded as
-    the write leaves it (a pod never sees it otherwise), and the first write fills it."""
-    label = "system_u:object_r:container_file_t:s0"
-    data = tmp_path / "data"
-    prepare_folder(data, gid=gid, selinux_context=label)
-    folder = os.stat(data)
-    folder_mode = 0o755 if gid is None else 0o750
-    want_gid = os.getegid() if gid is None else gid
-    assert (stat.S_IMODE(folder.st_mode), folder.st_gid) == (folder_mode, want_gid)
-    assert os.getxattr(data, "security.selinux") == label.encode()
-    assert os.listdir(data) == []
-
-    write_atomically(data, CERT_AND_KEY, gid=gid, selinux_context=label)
-    assert_exactly(data, CERT_AND_KEY, gid)
-    prepare_folder(data, gid=None)  # an existing folder is left as it is
-    assert_exactly(data, CERT_AND_KEY, gid)
-
-
-def test_preparing_a_folder_that_cannot_be_made_names_it(tmp_path: Path) -> None:
-    with pytest.raises(StorageError) as info:
-        prepare_folder(tmp_path / "missing" / "data", gid=None)
-    assert info.value.errno == errno.ENOENT
-    assert str(tmp_path / "missing" / "data") in str(info.value)
 
 
 def test_writing_the_same_set_again_swaps_nothing(tmp_path: Path) -> None:

@@ -269,21 +269,6 @@ class TargetDir:
                 f"{str(self.path)!r}: its parent folder was replaced after it was checked",
             )
 
-    def confirm(self) -> None:
-        """:meth:`verify` for a target mounted earlier, at the cost of two system calls when
-        nothing changed: ``path``, resolved as the kubelet resolves it, still leads to the
-        held parent. Otherwise :meth:`verify` says what changed (InvalidArgument)."""
-        try:
-            now, held = os.stat(self.path.parent), os.fstat(self.parent_fd)
-            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
-                return
-        except OSError:
-            pass
-        self.verify()
-        raise InvalidArgument(
-            self.field, f"{str(self.path)!r}: its parent folder was replaced after it was checked"
-        )
-
     def remove(self) -> bool:
         """Remove the target folder if it is empty and nothing is mounted on it: True if it
         was removed; False (nothing changed) if missing, not empty, busy or not a folder."""

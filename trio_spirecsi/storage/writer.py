@@ -281,25 +281,6 @@ def write_atomically(
     return Layout(generation, names, gid, selinux_context)
 
 
-def prepare_folder(
-    data_dir: Path | str, *, gid: int | None, selinux_context: str | None = None
-) -> None:
-    """Create ``data_dir``, empty, owned, moded and labelled as :func:`write_atomically`
-    makes it, unless it exists: a folder to bind-mount before its files are written. The
-    first write fills it as one that created it. Raises StorageError naming the path."""
-    path = os.fspath(data_dir)
-    try:
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            return
-        _set_owner_mode(path, gid)
-        _label(path, selinux_context)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise StorageError(exc.errno or errno.EIO, f"creating {data_dir}: {reason}") from exc
-
-
 # The few sets of file names volumes use, shared: thousands of volumes hold one each.
 _NAME_SETS: dict[frozenset[str], frozenset[str]] = {}
 
@@ -359,7 +340,7 @@ def _write(
     except FileExistsError:
         if not stat.S_ISDIR(os.lstat(data_dir).st_mode):
             raise NotADirectoryError(errno.ENOTDIR, "not a folder", data_dir) from None
-        created = not os.listdir(data_dir)  # empty (prepare_folder's): as good as new
+        created = False
     _set_owner_mode(data_dir, gid)
     _label(data_dir, selinux_context)
     if created:

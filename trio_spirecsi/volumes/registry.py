@@ -32,8 +32,8 @@ from ..spire.selectors import selectors_for
 from ..storage.errors import StorageError
 from ..storage.metadata import MetadataError, MetadataStore, VolumeMetadata
 from ..storage.mount import Mounter
-from ..storage.paths import TargetDir, TargetParentMissing, open_target
-from ..storage.writer import DATA_LINK, prepare_folder
+from ..storage.paths import TargetParentMissing, open_target
+from ..storage.writer import DATA_LINK
 from ..watched import Observable
 from .plan import VolumePlan
 from .trace import PublishTrace
@@ -341,49 +341,34 @@ class Registry:
             # Checked and held from here on: the wait below cannot redirect the mount.
             with open_target(self._kubelet_dir, req.target_path) as target:
                 trace.mark("validate")
-                waiting = trio.move_on_after(self._publish_timeout)
-                mount = _Mount(
-                    self._mounter,
-                    self._store.data_dir(req.volume_id),
-                    target,
-                    gid=req.spec.gid,
-                    selinux_context=self._selinux_context,
-                )
-                mount.trace, mount.waiting = trace, waiting
-                volume: Volume | None = None
+                mounted = False
+                entry: Entry | None = None
                 try:
                     self._store.remove(req.volume_id)
                     self._store.write(md)
                     trace.mark("metadata")
-                    volume = self._start(md, req.spec).volume
-                    volume.trace, volume.on_subscribed = trace, mount
-                    with waiting:
-                        await volume.state.wait_value(_settled)
-                    volume.on_subscribed = None
-                    if mount.error is not None:
-                        raise mount.error
-                    state = volume.state.value
+                    entry = self._start(md, req.spec)
+                    entry.volume.trace = trace
+                    with trio.move_on_after(self._publish_timeout):
+                        await entry.volume.state.wait_value(_settled)
+                    state = entry.volume.state.value
                     if not state.ready:
                         raise publish_failure(
                             state,
                             f"within {self._publish_timeout:g}s",
                             agent_ready=self._agent.status.value.ready,
                         )
-                    # Files come from the subscription, which mounted first.
-                    assert mount.done, "the volume is ready, its target not mounted"
-                    # The mount is in the held folder: the kubelet must still find it there.
-                    target.confirm()
-                    trace.mark("ready")
+                    self._mounter.bind_readonly(entry.volume.plan.data_dir, target)
+                    mounted = True
+                    trace.mark("mount")
                 except BaseException:
-                    if volume is not None:
-                        volume.on_subscribed = None
                     with trio.CancelScope(shield=True):
-                        await self._teardown(req.volume_id, target if mount.done else None)
+                        await self._teardown(req.volume_id, req.target_path if mounted else None)
                     raise
                 finally:
                     trace.close()
-                    if volume is not None:
-                        volume.trace = None
+                    if entry is not None:
+                        entry.volume.trace = None
 
     def _republish(self, req: PublishRequest, entry: Entry) -> None:
         if not req.same_as(entry.metadata):
@@ -428,10 +413,8 @@ class Registry:
             await self._teardown(volume_id, target_path)
             self._metrics.unpublish_total.inc()
 
-    async def _teardown(self, volume_id: str, target: Path | TargetDir | None) -> None:
+    async def _teardown(self, volume_id: str, target: Path | None) -> None:
         """Stop the volume's tasks, then unmount, then delete its folder (in that order).
-        A held target (a publish's) is unmounted through the folder it holds, wherever
-        its path leads now.
 
         The folder is deleted only once every task of the volume has exited; if this call
         is cancelled while they stop, the volume stays registered and the next call for the
@@ -443,9 +426,7 @@ class Registry:
             if self._entries.get(volume_id) is entry:
                 del self._entries[volume_id]
             self._metrics.volumes_published.set(len(self._entries))
-        if isinstance(target, TargetDir):
-            self._unmount_held(volume_id, target)
-        elif target is not None:
+        if target is not None:
             self._unmount(volume_id, target)
         self._store.remove(volume_id)
 
@@ -463,21 +444,18 @@ class Registry:
             )
             return
         with held:
-            self._unmount_held(volume_id, held)
-
-    def _unmount_held(self, volume_id: str, held: TargetDir) -> None:
-        result = self._mounter.unmount(held, self._store.data_dir(volume_id))
-        if result.foreign or result.ours_left:
-            log.event(
-                logger,
-                logging.WARNING,
-                "unmount_left_foreign_mount",
-                volume_id=volume_id,
-                target=str(held.path),
-                ours_left=result.ours_left,
-            )
-        if result.clean:
-            held.remove()
+            result = self._mounter.unmount(held, self._store.data_dir(volume_id))
+            if result.foreign or result.ours_left:
+                log.event(
+                    logger,
+                    logging.WARNING,
+                    "unmount_left_foreign_mount",
+                    volume_id=volume_id,
+                    target=str(target),
+                    ours_left=result.ours_left,
+                )
+            if result.clean:
+                held.remove()
 
     # Queries -------------------------------------------------------------
 
@@ -518,61 +496,6 @@ class Registry:
 
     def _expiries(self) -> list[float]:
         return [e.volume.expires_at for e in self._entries.values() if e.volume.expires_at]
-
-
-class _Mount:
-    """A publish's bind mount of the volume's data folder onto its held target.
-
-    The volume's SVID task calls it (:attr:`Volume.on_subscribed`) once the subscription's
-    request has left, so the mount's syscalls run while the agent answers instead of after
-    the files are written; the data folder is created empty for it, as the first write
-    would create it. It never raises there: a failure is kept in ``error`` and ends the
-    publish's wait (``waiting``), which then raises it.
-    """
-
-    __slots__ = (
-        "_gid",
-        "_label",
-        "_mounter",
-        "_source",
-        "_target",
-        "done",
-        "error",
-        "trace",
-        "waiting",
-    )
-
-    def __init__(
-        self,
-        mounter: Mounter,
-        source: Path,
-        target: TargetDir,
-        *,
-        gid: int | None,
-        selinux_context: str | None,
-    ) -> None:
-        self._mounter = mounter
-        self._source = source
-        self._target = target
-        self._gid = gid
-        self._label = selinux_context
-        self.done = False
-        self.error: Exception | None = None
-        self.trace: PublishTrace | None = None
-        self.waiting: trio.CancelScope | None = None
-
-    def __call__(self) -> None:
-        try:
-            prepare_folder(self._source, gid=self._gid, selinux_context=self._label)
-            self._mounter.bind_readonly(self._source, self._target)
-        except Exception as exc:
-            self.error = exc
-            if self.waiting is not None:
-                self.waiting.cancel()
-            return
-        self.done = True
-        if self.trace is not None:
-            self.trace.mark("mount")
 
 
 async def _changed(value: Observable[object], seen: object) -> object:

@@ -9,11 +9,10 @@ to the handler's whole time, waiting for a task to be scheduled included:
 validate      the request checked, the target folder held
 metadata      ``metadata.json`` written
 subscribe     the SubscribeToX509SVIDs request handed to the agent connection
-mount         the data folder bind-mounted on the target (while the agent answers)
-first_svid    the first SVID received and validated (what is left of the agent's time)
+first_svid    the first SVID received and validated (the agent's own time included)
 render        the files rendered
 write         the files written (atomically)
-ready         the handler woken with the volume ready
+mount         the files bind-mounted on the target
 ============  ===================================================================
 
 Exposed as the ``trio_spirecsi_publish_phase_seconds`` histogram and a debug log line per

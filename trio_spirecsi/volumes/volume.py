@@ -317,7 +317,6 @@ class Volume:
         "_written_digest",
         "cancel_scope",
         "finished",
-        "on_subscribed",
         "plan",
         "state",
         "trace",
@@ -363,9 +362,6 @@ class Volume:
         self._dirty = trio.Event()
         self.trace: PublishTrace | None = None
         """The publish waiting for this volume's first files, if any: its phases are marked."""
-        self.on_subscribed: Callable[[], None] | None = None
-        """Called once, from the SVID task, as soon as the subscription's request has left
-        (the waiting publish's bind mount, made while the agent answers); must not raise."""
 
     # Lifecycle -----------------------------------------------------------
 
@@ -454,9 +450,6 @@ class Volume:
             try:
                 async with self._agent.x509_svids(self.plan.selectors) as updates:
                     self._mark("subscribe")
-                    subscribed, self.on_subscribed = self.on_subscribed, None
-                    if subscribed is not None:
-                        subscribed()
                     async for update in updates:
                         backoff.reset()
                         self._on_svids(update)
