@@ -22,6 +22,7 @@ import stat
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -45,12 +46,15 @@ from trio_spirecsi.csi.client import Pod
 from trio_spirecsi.devagent.entries import Entry
 from trio_spirecsi.grpc import RpcError, StatusCode, methods, open_channel
 from trio_spirecsi.metrics import Metrics
+from trio_spirecsi.render import select_svids
 from trio_spirecsi.spire.agent import AgentClient
 from trio_spirecsi.spire.backoff import AGENT_RETRY, Backoff
 from trio_spirecsi.storage.paths import TargetDir
+from trio_spirecsi.volumes import volume as volume_module
 from trio_spirecsi.volumes.trace import PublishTrace
 
 PRIVATE_KEY = b"PRIVATE KEY-----"
+WEB_ID = "spiffe://example.org/ns/default/sa/web"
 
 
 @pytest.fixture(name="fast_clock")
@@ -454,6 +458,99 @@ async def test_a_cancelled_publish_leaves_nothing_behind(fast_clock: MockClock) 
         node.agent.come_up()
         await trio.sleep(AGENT_RETRY.maximum + 1)
         assert node.agent.open_svid_streams == []
+
+
+async def test_a_publish_given_up_before_the_first_svid_closes_its_agent_stream(
+    fast_clock: MockClock,
+) -> None:
+    """The publish opens the pod's SVID stream in its own task; the kubelet giving up while
+    the agent has sent nothing but "no entry" closes that stream with the publish."""
+    async with fast_node() as node:
+        node.agent.revoke(WEB_ID)
+        pod = node.pod()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.publish, node.request("csi-1", pod))
+            await eventually(lambda: len(node.agent.open_svid_streams) == 1, "the stream opens")
+            nursery.cancel_scope.cancel()
+        assert node.agent.open_svid_streams == [], "the publish's stream outlived it"
+        assert os.listdir(node.state_dir) == []
+        assert node.mounter.mounts == {}
+
+
+async def test_a_driver_stopping_while_a_publish_waits_for_the_agent_closes_its_stream(
+    fast_clock: MockClock,
+) -> None:
+    """SIGTERM stops every volume; a publish still waiting for its first SVID loses its
+    agent stream with its volume, not at its own timeout."""
+    async with fast_node() as node:
+        node.agent.revoke(WEB_ID)
+        pod = node.pod()
+        errors: list[RpcError | None] = []
+
+        async def publish() -> None:
+            errors.append(await node.publish(node.request("csi-1", pod)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publish)
+            await eventually(lambda: len(node.agent.open_svid_streams) == 1, "the stream opens")
+            await node.stop_driver()
+            await eventually(
+                lambda: node.agent.open_svid_streams == [],
+                "the stream closes with the stopped volume",
+                timeout=PUBLISH_TIMEOUT / 10,
+            )
+        [error] = errors
+        assert error is not None, "a publish whose volume stopped answered OK"
+
+
+async def test_a_publish_the_agent_first_refuses_succeeds_once_it_serves(
+    fast_clock: MockClock,
+) -> None:
+    """The agent down at the publish's own attempt: the volume retries as soon as the agent
+    serves again, and the publish succeeds within its timeout, on one stream."""
+    async with fast_node() as node:
+        node.agent.go_down()
+        pod = node.pod()
+        errors: list[RpcError | None] = []
+
+        async def publish() -> None:
+            errors.append(await node.publish(node.request("csi-1", pod)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publish)
+            await trio.sleep(PUBLISH_TIMEOUT / 2)
+            assert errors == [], "the publish answered while the agent was down"
+            node.agent.come_up()
+            came_up = trio.current_time()
+        assert errors == [None]
+        assert trio.current_time() - came_up < 0.1, "the volume waited a backoff"
+        assert len(node.agent.open_svid_streams) == 1
+        assert seen_identity(node, node.target(pod)).spiffe_id == WEB_ID
+
+
+async def test_a_bug_in_a_publishs_first_svid_is_contained_and_retried(
+    fast_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected error while the publish takes the first SVID is logged and counted as
+    a bug of the volume's SVID task, which starts over: the publish still succeeds."""
+    calls = [0]
+
+    def buggy_once(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise ZeroDivisionError("injected")
+        return select_svids(*args, **kwargs)
+
+    monkeypatch.setattr(volume_module, "select_svids", buggy_once)
+    async with fast_node() as node:
+        _, target = await published(node)
+        failed = node.metrics.registry.get_sample_value(
+            "trio_spirecsi_errors_total", {"kind": "volume_task_failed"}
+        )
+        assert failed == 1
+        assert calls[0] >= 2
+        assert seen_identity(node, target).spiffe_id == WEB_ID
+        assert len(node.agent.open_svid_streams) == 1
 
 
 async def test_a_publish_reaching_a_stopped_driver_is_unavailable_and_leaves_nothing(

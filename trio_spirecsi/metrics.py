@@ -52,7 +52,7 @@ SDS_RESOURCES = ("tls_certificate", "validation_context")
 
 PUBLISH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
 
-PUBLISH_PHASES = ("validate", "metadata", "subscribe", "first_svid", "render", "write", "mount")
+PUBLISH_PHASES = ("validate", "subscribe", "metadata", "first_svid", "render", "write", "mount")
 """Values of the ``phase`` label of the publish phase histogram, in the order they run
 (see :mod:`trio_spirecsi.volumes.trace`)."""
 

@@ -28,7 +28,7 @@ from ..attributes import VolumeSpec, parse_volume_context
 from ..errors import AlreadyExists, InvalidArgument, NotFound, PublishFailed, SpireCSIError
 from ..metrics import Metrics
 from ..spire.backoff import AGENT_RETRY, BackoffPolicy
-from ..spire.selectors import selectors_for
+from ..spire.selectors import Selector, selectors_for
 from ..storage.errors import StorageError
 from ..storage.metadata import MetadataError, MetadataStore, VolumeMetadata
 from ..storage.mount import Mounter
@@ -37,7 +37,15 @@ from ..storage.writer import DATA_LINK
 from ..watched import Observable
 from .plan import VolumePlan
 from .trace import PublishTrace
-from .volume import Agent, ProblemKind, RewriteLane, SocketServer, Volume, VolumeState
+from .volume import (
+    Agent,
+    FirstStream,
+    ProblemKind,
+    RewriteLane,
+    SocketServer,
+    Volume,
+    VolumeState,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -258,19 +266,21 @@ class Registry:
             pod=entry.volume.plan.pod,
         )
 
-    def _start(self, md: VolumeMetadata, spec: VolumeSpec) -> Entry:
-        if self._nursery is None:
-            raise PublishFailed(
-                "unavailable",
-                "the driver is not serving volumes (it is starting or shutting down); the "
-                "kubelet retries",
-            )
+    def _start(
+        self,
+        md: VolumeMetadata,
+        spec: VolumeSpec,
+        *,
+        selectors: tuple[Selector, ...] | None = None,
+        first: FirstStream | None = None,
+    ) -> Entry:
+        nursery = self._serving()
         plan = VolumePlan(
             volume_id=md.volume_id,
             target_path=Path(md.target_path),
             data_dir=self._store.data_dir(md.volume_id),
             spec=spec,
-            selectors=selectors_for(spec.pod, self._node_id),
+            selectors=selectors or selectors_for(spec.pod, self._node_id),
             selinux_context=self._selinux_context,
             fsync=self._store.fsync,
         )
@@ -282,11 +292,21 @@ class Registry:
             retry=self._retry,
             socket_server=self._socket_server,
             rewrites=self._rewrites,
+            first=first,
         )
         entry = self._entries[md.volume_id] = Entry(md, volume)
         self._metrics.volumes_published.set(len(self._entries))
-        self._nursery.start_soon(volume.run)
+        nursery.start_soon(volume.run)
         return entry
+
+    def _serving(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise PublishFailed(
+                "unavailable",
+                "the driver is not serving volumes (it is starting or shutting down); the "
+                "kubelet retries",
+            )
+        return self._nursery
 
     # Publish / unpublish --------------------------------------------------
 
@@ -341,15 +361,23 @@ class Registry:
             # Checked and held from here on: the wait below cannot redirect the mount.
             with open_target(self._kubelet_dir, req.target_path) as target:
                 trace.mark("validate")
+                # The request leaves first: the agent answers while the metadata is written
+                # and the volume made (nothing of it is on disk before the metadata).
+                self._serving()
+                selectors = selectors_for(req.spec.pod, self._node_id)
+                first = await FirstStream.open(self._agent, selectors)
+                trace.mark("subscribe")
                 mounted = False
                 entry: Entry | None = None
                 try:
                     self._store.remove(req.volume_id)
                     self._store.write(md)
                     trace.mark("metadata")
-                    entry = self._start(md, req.spec)
+                    entry = self._start(md, req.spec, selectors=selectors, first=first)
                     entry.volume.trace = trace
                     with trio.move_on_after(self._publish_timeout):
+                        # The first answer and the first files in this task.
+                        await entry.volume.first_svid()
                         await entry.volume.state.wait_value(_settled)
                     state = entry.volume.state.value
                     if not state.ready:
@@ -363,7 +391,12 @@ class Registry:
                     trace.mark("mount")
                 except BaseException:
                     with trio.CancelScope(shield=True):
-                        await self._teardown(req.volume_id, req.target_path if mounted else None)
+                        try:
+                            await self._teardown(
+                                req.volume_id, req.target_path if mounted else None
+                            )
+                        finally:
+                            await first.aclose()  # if no volume took it
                     raise
                 finally:
                     trace.close()

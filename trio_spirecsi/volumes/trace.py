@@ -1,15 +1,18 @@
 """Where one NodePublishVolume spends its time, phase by phase.
 
-A publish crosses three tasks (the CSI handler, the volume's SVID subscription and its
-writer); each marks the end of its phase on the publish's :class:`PublishTrace`. A phase runs
-from the end of the previous one to its own mark, so the phases of a complete trace add up
-to the handler's whole time, waiting for a task to be scheduled included:
+The CSI handler marks the end of each phase on the publish's :class:`PublishTrace`: it
+sends the pod's SubscribeToX509SVIDs request, writes the metadata while the agent answers,
+and writes the first files itself (:meth:`~trio_spirecsi.volumes.volume.Volume.first_svid`).
+When its attempt fails, the volume's SVID task and writer take over and mark the phases they
+reach. A phase runs from the end of the previous one to its own mark, so the phases of a
+complete trace add up to the handler's whole time, waiting for a task to be scheduled
+included:
 
 ============  ===================================================================
 validate      the request checked, the target folder held
-metadata      ``metadata.json`` written
 subscribe     the SubscribeToX509SVIDs request handed to the agent connection
-first_svid    the first SVID received and validated (the agent's own time included)
+metadata      ``metadata.json`` written and the volume started (the agent answering)
+first_svid    the first SVID received and validated (what is left of the agent's time)
 render        the files rendered
 write         the files written (atomically)
 mount         the files bind-mounted on the target

@@ -43,6 +43,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Protocol
 
 import trio
@@ -84,9 +85,7 @@ class Agent(Protocol):
     @property
     def status(self) -> Observable[AgentStatus]: ...
 
-    def x509_svids(
-        self, selectors: Sequence[Selector]
-    ) -> AbstractAsyncContextManager[AsyncIterator[X509Update | AgentProblem]]:
+    def x509_svids(self, selectors: Sequence[Selector]) -> SvidStream:
         """The pod's SVID updates while the block runs (see
         :meth:`~trio_spirecsi.spire.agent.AgentClient.x509_svids`)."""
         ...
@@ -96,6 +95,83 @@ class Agent(Protocol):
     ) -> tuple[JwtSvid, ...]: ...
 
     def want_jwt_bundles(self) -> None: ...
+
+
+SvidStream = AbstractAsyncContextManager[AsyncIterator[X509Update | AgentProblem]]
+"""What :meth:`Agent.x509_svids` returns: the pod's SVID stream while the block runs."""
+
+
+class FirstStream:
+    """A publish's SVID stream, opened (its request sent) before the volume exists, so that
+    the agent answers while the publish writes the volume's metadata and starts it.
+
+    :meth:`open` never raises the agent's refusal: ``failure`` holds it (or an unexpected
+    error), for :meth:`Volume.first_svid` to report as the SVID task would. Whoever holds an
+    open one closes it (:meth:`aclose`, idempotent): the publish until its volume exists,
+    then :meth:`Volume.first_svid` until the hand-over, then the volume's SVID task, which
+    iterates it to its end in ``async with``. Nothing of the stream is tied to the task that
+    opened it (no cancel scope spans its ``yield``), so any of them may leave it.
+    """
+
+    __slots__ = ("_stream", "failure", "updates")
+
+    def __init__(
+        self,
+        stream: SvidStream | None,
+        updates: AsyncIterator[X509Update | AgentProblem] | None,
+        failure: Exception | None,
+    ) -> None:
+        self._stream = stream
+        self.updates = updates
+        self.failure = failure
+
+    @classmethod
+    async def open(cls, agent: Agent, selectors: Sequence[Selector]) -> FirstStream:
+        stream = agent.x509_svids(selectors)
+        try:
+            updates = await stream.__aenter__()
+        except Exception as exc:
+            return cls(None, None, exc)
+        return cls(stream, updates, None)
+
+    async def aclose(self) -> None:
+        stream, self._stream, self.updates = self._stream, None, None
+        if stream is not None:
+            with trio.CancelScope(shield=True):
+                await stream.__aexit__(None, None, None)
+
+    async def __aenter__(self) -> AsyncIterator[X509Update | AgentProblem]:
+        if self.updates is None:
+            raise RuntimeError("the stream is closed or failed to open")
+        return self.updates
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        stream, self._stream, self.updates = self._stream, None, None
+        return None if stream is None else await stream.__aexit__(exc_type, exc, tb)
+
+
+class _Handover:
+    """A publish's SVID stream on its way to the volume's SVID task (see
+    :meth:`Volume.first_svid`): held by the publish until ``done``, then by the SVID task
+    (or the volume's end, if the task never took it)."""
+
+    __slots__ = ("done", "failed", "scope", "stream", "taker_gone")
+
+    def __init__(self, stream: FirstStream) -> None:
+        self.done = trio.Event()
+        self.stream: FirstStream | None = stream
+        self.scope = trio.CancelScope()
+        """Around the publish's round trip: the volume's end cancels it (the publish's task
+        is not inside the volume's cancel scope)."""
+        self.failed = False
+        """The publish's attempt failed: the SVID task waits a backoff before its own."""
+        self.taker_gone = False
+        """The volume ended before the hand-over: the publish closes the stream itself."""
 
 
 SocketServer = Callable[["Volume", Callable[[], None]], Awaitable[None]]
@@ -305,6 +381,7 @@ class Volume:
     __slots__ = (
         "_agent",
         "_dirty",
+        "_handover",
         "_jwt",
         "_layout",
         "_metrics",
@@ -333,6 +410,7 @@ class Volume:
         retry: BackoffPolicy = AGENT_RETRY,
         socket_server: SocketServer | None = None,
         rewrites: RewriteLane | None = None,
+        first: FirstStream | None = None,
     ) -> None:
         self.plan = plan
         self._rewrites = rewrites
@@ -362,6 +440,8 @@ class Volume:
         self._dirty = trio.Event()
         self.trace: PublishTrace | None = None
         """The publish waiting for this volume's first files, if any: its phases are marked."""
+        self._handover = None if first is None else _Handover(first)
+        """With ``first``: the SVID task waits for :meth:`first_svid` to hand it over."""
 
     # Lifecycle -----------------------------------------------------------
 
@@ -384,7 +464,70 @@ class Volume:
                     await self._supervise("svid", self._svid_loop)
         finally:
             self.state.value = VolumeState(Phase.STOPPED, None, self.state.value.written, None)
+            await self._drop_handover()
             self.finished.set()
+
+    async def first_svid(self) -> None:
+        """A publish's wait for the agent, in the caller's task: take the answers of the
+        stream the publish opened (``first`` when the volume was made) until the first SVID,
+        write the files from it, then hand the open stream to the volume's SVID task (which
+        waits for it instead of subscribing).
+
+        One task from the request to the files: the publish waits for the agent and for
+        nothing else (no turn of the volume's task before the request leaves, none between
+        the answer and the files). A refusal or a failure is reported as the SVID task would
+        report it and the task then starts over after its backoff; the caller goes on to
+        wait for :attr:`state` as usual. Cancelled before the hand-over, or the volume
+        stopped meanwhile (which ends this call), it closes the stream itself: no agent
+        subscription outlives the publish or the volume.
+        """
+        handover = self._handover
+        if handover is None or handover.done.is_set() or handover.stream is None:
+            raise RuntimeError("first_svid is for a volume made with a first stream, once")
+        first = handover.stream
+        with handover.scope:
+            try:
+                if first.failure is not None:
+                    raise first.failure
+                assert first.updates is not None
+                while self.x509.value is None:
+                    self._on_svids(await first.updates.__anext__())
+            except AgentError as exc:
+                self._report("svid", Problem.of(exc.problem))
+                handover.failed = True
+            except Exception as exc:
+                self._task_failed("svid", ExceptionGroup("svid", [exc]))
+                handover.failed = True
+            finally:
+                if handover.failed or handover.taker_gone or self.x509.value is None:
+                    handover.stream = None
+                    await first.aclose()
+                handover.done.set()
+
+    async def _take_handover(self) -> tuple[FirstStream | None, bool]:
+        """For the SVID task: the stream a publish opened (if any) and whether the
+        publish's attempt failed. Without a publish, (None, False) at once."""
+        handover = self._handover
+        if handover is None:
+            return None, False
+        if not handover.done.is_set():
+            await handover.done.wait()
+        stream, handover.stream = handover.stream, None
+        self._handover = None
+        return stream, handover.failed
+
+    async def _drop_handover(self) -> None:
+        """At the volume's end: a stream handed over but never taken is closed here; one
+        the publish still holds is left for it to close (its wait is cancelled)."""
+        handover, self._handover = self._handover, None
+        if handover is None:
+            return
+        handover.taker_gone = True
+        handover.scope.cancel()
+        stream = handover.stream
+        if stream is not None and handover.done.is_set():
+            handover.stream = None
+            await stream.aclose()
 
     async def stop(self) -> None:
         """Cancel every task of the volume and wait until they have all exited.
@@ -446,9 +589,13 @@ class Volume:
 
     async def _svid_loop(self) -> None:
         backoff = self._retry.new()
+        adopted, failed = await self._take_handover()
+        if failed:
+            await self._retry_after(backoff)
         while True:
             try:
-                async with self._agent.x509_svids(self.plan.selectors) as updates:
+                stream, adopted = adopted or self._agent.x509_svids(self.plan.selectors), None
+                async with stream as updates:
                     self._mark("subscribe")
                     async for update in updates:
                         backoff.reset()
@@ -736,6 +883,7 @@ def _digest(files: Mapping[str, FileContent]) -> bytes:
 
 __all__ = [
     "Agent",
+    "FirstStream",
     "Phase",
     "Problem",
     "ProblemKind",
