@@ -477,6 +477,33 @@ async def test_a_publish_given_up_before_the_first_svid_closes_its_agent_stream(
         assert node.mounter.mounts == {}
 
 
+async def test_a_publish_to_a_refused_target_leaves_no_agent_stream(
+    fast_clock: MockClock,
+) -> None:
+    """The subscription leaves before the target is walked (the agent answers meanwhile): a
+    target the driver refuses (a symlink on the way, its pod folder gone) closes it again."""
+    async with fast_node() as node:
+        pod = node.pod()
+        target = node.target(pod)
+        outside = node.kubelet_dir.parent / "elsewhere"
+        outside.mkdir()
+        target.parent.rmdir()
+        target.parent.symlink_to(outside)
+        error = await node.publish(node.request("csi-1", pod, target=target))
+        assert error is not None and error.code == StatusCode.INVALID_ARGUMENT, error
+        assert "is a symlink" in error.message, error.message
+        other = node.pod("web-1")
+        gone = node.target(other)
+        gone.parent.rmdir()
+        error = await node.publish(node.request("csi-2", other, target=gone))
+        assert error is not None, "a publish whose pod folder is gone answered OK"
+        assert node.agent.open_svid_streams == [], "a refused publish left its agent stream"
+        assert node.agent.calls.value >= 2, "the subscriptions did not leave before the walk"
+        assert os.listdir(node.state_dir) == []
+        assert node.mounter.mounts == {}
+        assert list(outside.iterdir()) == []
+
+
 async def test_a_driver_stopping_while_a_publish_waits_for_the_agent_closes_its_stream(
     fast_clock: MockClock,
 ) -> None:

@@ -293,6 +293,30 @@ class PublishRefused(Op):
 
 
 @dataclass(frozen=True)
+class PublishRefusedTarget(Op):
+    """A target the driver refuses after the volume's subscription has left (the agent
+    answers while the target is walked): a symlink on the way, or its pod folder gone.
+    Nothing of it may stay: no folder, no mount, no stream (check_structure counts them)."""
+
+    namespace: str
+    account: str
+    how: Literal["symlink", "pod-gone"]
+
+    async def apply(self, m: Machine) -> None:
+        vol = m.new_volume(self.namespace, self.account, "a", "defaults", False)
+        parent = vol.target.parent
+        parent.rmdir()
+        if self.how == "symlink":
+            outside = m.node.kubelet_dir.parent / f"outside-{m.next()}"
+            outside.mkdir()
+            parent.symlink_to(outside)
+        error = await m.node.publish(m.request(vol))
+        if error is None or error.code != StatusCode.INVALID_ARGUMENT:
+            m.fail(f"a publish to a target with {self.how} was not refused: {error!r}")
+        m.gone[vol.volume_id] = vol
+
+
+@dataclass(frozen=True)
 class PublishAgain(Op):
     """The same request again (the kubelet does): OK, nothing duplicated, mounted again."""
 
@@ -743,7 +767,10 @@ def operations(
             *(st.builds(Publish, ns, sa, name, family, st.booleans()) for _ in range(3)),
             st.builds(LoseMount, pick, st.just(True)),
         ],
-        "publish-refused": [st.builds(PublishRefused, ns, sa, st.sampled_from(sorted(REFUSED)))],
+        "publish-refused": [
+            st.builds(PublishRefused, ns, sa, st.sampled_from(sorted(REFUSED))),
+            st.builds(PublishRefusedTarget, ns, sa, st.sampled_from(["symlink", "pod-gone"])),
+        ],
         "publish-again": [
             st.builds(PublishAgain, pick),
             st.builds(LoseMount, pick, st.booleans()),

@@ -489,7 +489,8 @@ class MetadataStore:
 
     def remove(self, volume_id: str) -> None:
         """Delete the volume's folder; idempotent. See :meth:`remove_folder`."""
-        self.remove_folder(self.volume_dir(volume_id))
+        # Its name comes from folder_name: a child of the state folder by construction.
+        self._remove(self.volume_dir(volume_id))
 
     def remove_folder(self, path: Path) -> None:
         """Delete a volume folder (e.g. an orphan from :meth:`load_all`); missing is fine.
@@ -499,7 +500,15 @@ class MetadataStore:
         folder inside it is still the source of a bind mount: deleting would remove files a
         pod still sees. Other failures raise StorageError naming the path.
         """
-        path = self._child(path)
+        self._remove(self._child(path))
+
+    def _remove(self, path: Path) -> None:
+        try:
+            os.lstat(path)
+        except FileNotFoundError:
+            return  # the usual case (a new volume): nothing to describe or sync
+        except OSError:
+            pass  # reported below
         with _storage_errors(f"removing {path}"):
             try:
                 mode = os.lstat(path).st_mode

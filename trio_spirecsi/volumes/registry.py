@@ -32,7 +32,7 @@ from ..spire.selectors import Selector, selectors_for
 from ..storage.errors import StorageError
 from ..storage.metadata import MetadataError, MetadataStore, VolumeMetadata
 from ..storage.mount import Mounter
-from ..storage.paths import TargetParentMissing, open_target
+from ..storage.paths import TargetDir, TargetParentMissing, open_target
 from ..storage.writer import DATA_LINK
 from ..watched import Observable
 from .plan import VolumePlan
@@ -350,58 +350,70 @@ class Registry:
             if known is not None:
                 self._republish(req, known)
                 return
-            md = VolumeMetadata(
-                volume_id=req.volume_id,
-                target_path=str(req.target_path),
-                spec={"volume_context": dict(req.volume_context)},
-                volume_mount_group=req.volume_mount_group,
-                node_id=self._node_id,
-                created_at=self._now(),
-            )
-            # Checked and held from here on: the wait below cannot redirect the mount.
-            with open_target(self._kubelet_dir, req.target_path) as target:
-                trace.mark("validate")
-                # The request leaves first: the agent answers while the metadata is written
-                # and the volume made (nothing of it is on disk before the metadata).
-                self._serving()
-                selectors = selectors_for(req.spec.pod, self._node_id)
-                first = await FirstStream.open(self._agent, selectors)
-                trace.mark("subscribe")
-                mounted = False
-                entry: Entry | None = None
-                try:
-                    self._store.remove(req.volume_id)
-                    self._store.write(md)
-                    trace.mark("metadata")
-                    entry = self._start(md, req.spec, selectors=selectors, first=first)
-                    entry.volume.trace = trace
-                    with trio.move_on_after(self._publish_timeout):
-                        # The first answer and the first files in this task.
-                        await entry.volume.first_svid()
-                        await entry.volume.state.wait_value(_settled)
-                    state = entry.volume.state.value
-                    if not state.ready:
-                        raise publish_failure(
-                            state,
-                            f"within {self._publish_timeout:g}s",
-                            agent_ready=self._agent.status.value.ready,
-                        )
-                    self._mounter.bind_readonly(entry.volume.plan.data_dir, target)
-                    mounted = True
-                    trace.mark("mount")
-                except BaseException:
-                    with trio.CancelScope(shield=True):
-                        try:
-                            await self._teardown(
-                                req.volume_id, req.target_path if mounted else None
-                            )
-                        finally:
-                            await first.aclose()  # if no volume took it
-                    raise
-                finally:
-                    trace.close()
-                    if entry is not None:
-                        entry.volume.trace = None
+            trace.mark("validate")
+            # The request leaves first: the agent answers while the target is checked, the
+            # metadata written and the volume made (nothing is on disk before the metadata).
+            self._serving()
+            selectors = selectors_for(req.spec.pod, self._node_id)
+            first = await FirstStream.open(self._agent, selectors)
+            trace.mark("subscribe")
+            try:
+                # Checked and held from here on: the wait below cannot redirect the mount.
+                with open_target(self._kubelet_dir, req.target_path) as target:
+                    await self._create(req, target, selectors, first, trace)
+            except BaseException:
+                await first.aclose()  # unless a volume took it (a failed one is stopped)
+                raise
+            finally:
+                trace.close()
+
+    async def _create(
+        self,
+        req: PublishRequest,
+        target: TargetDir,
+        selectors: tuple[Selector, ...],
+        first: FirstStream,
+        trace: PublishTrace,
+    ) -> None:
+        """The new volume of a publish, from its metadata to its mount; on any failure
+        (cancellation included) everything of it is removed again."""
+        md = VolumeMetadata(
+            volume_id=req.volume_id,
+            target_path=str(req.target_path),
+            spec={"volume_context": dict(req.volume_context)},
+            volume_mount_group=req.volume_mount_group,
+            node_id=self._node_id,
+            created_at=self._now(),
+        )
+        mounted = False
+        entry: Entry | None = None
+        try:
+            self._store.remove(req.volume_id)
+            self._store.write(md)
+            trace.mark("metadata")
+            entry = self._start(md, req.spec, selectors=selectors, first=first)
+            entry.volume.trace = trace
+            with trio.move_on_after(self._publish_timeout):
+                # The first answer and the first files in this task.
+                await entry.volume.first_svid()
+                await entry.volume.state.wait_value(_settled)
+            state = entry.volume.state.value
+            if not state.ready:
+                raise publish_failure(
+                    state,
+                    f"within {self._publish_timeout:g}s",
+                    agent_ready=self._agent.status.value.ready,
+                )
+            self._mounter.bind_readonly(entry.volume.plan.data_dir, target)
+            mounted = True
+            trace.mark("mount")
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._teardown(req.volume_id, req.target_path if mounted else None)
+            raise
+        finally:
+            if entry is not None:
+                entry.volume.trace = None
 
     def _republish(self, req: PublishRequest, entry: Entry) -> None:
         if not req.same_as(entry.metadata):

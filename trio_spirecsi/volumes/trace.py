@@ -1,17 +1,19 @@
 """Where one NodePublishVolume spends its time, phase by phase.
 
 The CSI handler marks the end of each phase on the publish's :class:`PublishTrace`: it
-sends the pod's SubscribeToX509SVIDs request, writes the metadata while the agent answers,
-and writes the first files itself (:meth:`~trio_spirecsi.volumes.volume.Volume.first_svid`).
+sends the pod's SubscribeToX509SVIDs request as soon as the request is checked, holds the
+target folder and writes the metadata while the agent answers, and writes the first files
+itself (:meth:`~trio_spirecsi.volumes.volume.Volume.first_svid`).
 When its attempt fails, the volume's SVID task and writer take over and mark the phases they
 reach. A phase runs from the end of the previous one to its own mark, so the phases of a
 complete trace add up to the handler's whole time, waiting for a task to be scheduled
 included:
 
 ============  ===================================================================
-validate      the request checked, the target folder held
+validate      the request checked
 subscribe     the SubscribeToX509SVIDs request handed to the agent connection
-metadata      ``metadata.json`` written and the volume started (the agent answering)
+metadata      the target folder checked and held, ``metadata.json`` written, the volume
+              started (while the agent answers)
 first_svid    the first SVID received and validated (what is left of the agent's time)
 render        the files rendered
 write         the files written (atomically)

@@ -424,7 +424,12 @@ class Volume:
         self._serving: bool | None = (
             False if plan.spec.workload_api and socket_server is not None else None
         )
-        self.state: Watched[VolumeState] = Watched(_on_disk(plan, self._serving))
+        # A publish's volume (``first``) has a folder made just now: nothing to read there.
+        self.state: Watched[VolumeState] = Watched(
+            VolumeState(Phase.STARTING, serving=self._serving)
+            if first is not None
+            else _on_disk(plan, self._serving)
+        )
         self.x509: Watched[X509Update | None] = Watched(None)
         """The agent's latest SVID set for this pod (all SVIDs, before selection)."""
         self._jwt: dict[tuple[str, ...], JwtSvid] = {}
