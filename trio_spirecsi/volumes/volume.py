@@ -26,7 +26,9 @@ Containment: every task of the volume (SVID subscription, JWT refreshers, writer
 socket) runs under :meth:`Volume._supervise`. An exception other than cancellation is logged
 with the volume and pod, counted in ``errors_total``, shown as the volume's problem and the
 task restarted with backoff; the last complete files stay. Nothing a volume does can end
-another volume or the process.
+another volume or the process. A publish takes its volume's first SVID in its own task
+(:meth:`Volume.first_svid`, on the stream :class:`FirstStream` opened) under the same rules,
+then hands the stream to the SVID task.
 
 Everything runs inside :attr:`Volume.cancel_scope`. After :meth:`Volume.stop` returns, no
 task of this volume is running and nothing will write into its data folder again.
