@@ -40,6 +40,10 @@ protos:
 bench *ARGS: setup
     unshare -m --propagation private {{venv}}/python -m benchmarks.bench {{ARGS}}
 
+# Bulk publishing of two drivers side by side, alternating rounds: BEFORE_DIR AFTER_DIR [--rounds N]
+bench-bulk *ARGS: setup
+    unshare -m --propagation private {{venv}}/python -m benchmarks.bulk_ab {{ARGS}}
+
 # Hostile pods against the driver process: RSS, Probe, victim rotation, fds per attack (measured)
 hostile *ARGS: setup
     unshare -m --propagation private {{venv}}/python -m benchmarks.hostile {{ARGS}}
