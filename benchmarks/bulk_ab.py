@@ -1,21 +1,26 @@
 """``just bench-bulk``: bulk publishing of two drivers side by side, for before and after.
 
-    python -m benchmarks.bulk_ab BEFORE_DIR AFTER_DIR [--rounds 100] [--volumes 100]
+    python -m benchmarks.bulk_ab BEFORE_DIR AFTER_DIR [--rounds 120] [--restart-every 4]
 
 The bench's bulk row publishes 499 volumes once, in under a second of a CPU-bound driver: on
 a shared machine whose speed changes from one minute to the next, two runs of it cannot tell
 a few per cent apart. Here both drivers (each DIR holds a ``trio_spirecsi`` package, e.g.
 ``git archive <commit> trio_spirecsi | tar -x -C DIR``) run at once on one agent, and rounds
 alternate between them (before, after, after, before, ...): each round publishes
-``--volumes`` volumes 50 at a time through one driver, then unpublishes them (untimed). A
+``--volumes`` volumes 50 at a time through one driver, then unpublishes them (untimed), and
+both drivers are started anew every ``--restart-every`` rounds (one process of a commit can be
+several per cent faster or slower than another of the same commit for its whole life). A
 round's driver CPU is read from ``/proc/PID/task/*/schedstat`` (nanoseconds, every thread),
-not from the 10 ms ticks of ``/proc/PID/stat``. Prints the totals over every round and the
+not from the 10 ms ticks of ``/proc/PID/stat``. Both drivers run on one core, this process
+and the agent on another (with two cores or more), so that neither driver shares a core with
+the client by chance. Prints the totals over every round and the
 quartiles of the round-by-round ratio (after / before). Benchmark code, never shipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import statistics
@@ -66,7 +71,9 @@ async def one_round(bench: Bench, client: CSIClient, volumes: int) -> tuple[floa
     return took, cpu
 
 
-async def run(dirs: Sequence[Path], rounds: int, volumes: int, go_agent: Path | None) -> None:
+async def run(
+    dirs: Sequence[Path], rounds: int, volumes: int, restart_every: int, go_agent: Path | None
+) -> None:
     root = Path(tempfile.mkdtemp(prefix="trio-spirecsi-bulk-"))
     subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", str(root)], check=True)
     benches = []
@@ -78,25 +85,43 @@ async def run(dirs: Sequence[Path], rounds: int, volumes: int, go_agent: Path | 
         bench.admin = benches[0].admin
     took: list[list[float]] = [[] for _ in dirs]
     cpu: list[list[float]] = [[] for _ in dirs]
+    # Both drivers on one core, this process and the agent on another: otherwise whichever
+    # driver the kernel happens to place beside the busy client runs slower, by as much as
+    # the difference measured (without this, one
+    # commit against itself differed by 4-8 %).
+    pinned = len(os.sched_getaffinity(0)) >= 2
+    cores = sorted(os.sched_getaffinity(0))
+    if pinned:
+        os.sched_setaffinity(0, {cores[0]})
     try:
         await agent.start(str(benches[0].admin))
-        for bench in benches:
-            await bench.start_driver()
-        async with AsyncExitStack() as stack:
-            clients = [
-                CSIClient(await stack.enter_async_context(open_channel(str(b.csi))))
-                for b in benches
-            ]
-            for bench, client in zip(benches, clients, strict=True):
-                await bench.publish(client)  # warm up: imports, the agent connection
-            for r in range(rounds):
-                for i in (0, 1) if r % 2 == 0 else (1, 0):
-                    seconds, cpu_seconds = await one_round(benches[i], clients[i], volumes)
-                    took[i].append(seconds)
-                    cpu[i].append(cpu_seconds)
-                    await trio.sleep(0.2)  # the unpublishes' cleanup settles
-        for bench in benches:
-            bench.stop(bench.proc)
+        for session in range(math.ceil(rounds / restart_every)):
+            # Fresh processes every few rounds: one process of a commit can run several per
+            # cent faster or slower than another of the same commit for its whole life (hash
+            # seeds, address layout), so each commit's figure is averaged over many.
+            order = (0, 1) if session % 2 == 0 else (1, 0)
+            for i in order:
+                await benches[i].start_driver()
+                proc = benches[i].proc
+                assert proc is not None
+                if pinned:
+                    os.sched_setaffinity(proc.pid, {cores[1]})
+            async with AsyncExitStack() as stack:
+                clients = [
+                    CSIClient(await stack.enter_async_context(open_channel(str(b.csi))))
+                    for b in benches
+                ]
+                for bench, client in zip(benches, clients, strict=True):
+                    # Warm up (imports, the agent connection); not counted.
+                    await one_round(bench, client, 1)
+                for r in range(session * restart_every, min(rounds, (session + 1) * restart_every)):
+                    for i in order if r % 2 == 0 else order[::-1]:
+                        seconds, cpu_seconds = await one_round(benches[i], clients[i], volumes)
+                        took[i].append(seconds)
+                        cpu[i].append(cpu_seconds)
+                        await trio.sleep(0.2)  # the unpublishes' cleanup settles
+            for bench in benches:
+                bench.stop(bench.proc)
     finally:
         await agent.stop()
         for bench in benches:
@@ -125,14 +150,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("before", type=Path, help="folder holding the first trio_spirecsi")
     parser.add_argument("after", type=Path, help="folder holding the second trio_spirecsi")
-    parser.add_argument("--rounds", type=int, default=100, help="rounds per driver")
+    parser.add_argument("--rounds", type=int, default=120, help="rounds per driver")
     parser.add_argument("--volumes", type=int, default=100, help="volumes per round")
+    parser.add_argument(
+        "--restart-every", type=int, default=4, help="new driver processes after this many rounds"
+    )
     parser.add_argument("--agent", choices=("dev", "go"), default="go", help="the agent")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         sys.exit("bulk_ab: the drivers bind-mount volumes; run as root (just bench-bulk)")
-    if args.rounds < 2 or args.volumes < 1:
-        sys.exit("bulk_ab: --rounds must be at least 2 and --volumes at least 1")
+    if args.rounds < 2 or args.volumes < 1 or args.restart_every < 1:
+        sys.exit("bulk_ab: --rounds must be at least 2, --volumes and --restart-every 1 or more")
     for path in (args.before, args.after):
         if not (path / "trio_spirecsi" / "__init__.py").is_file():
             sys.exit(f"bulk_ab: {path} holds no trio_spirecsi package (see --help)")
@@ -145,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit("bulk_ab: could not build the grpc-go agent (see above)")
         go_agent = Path(built.stdout.split()[-1])
     dirs = [args.before.resolve(), args.after.resolve()]
-    trio.run(run, dirs, args.rounds, args.volumes, go_agent)
+    trio.run(run, dirs, args.rounds, args.volumes, args.restart_every, go_agent)
 
 
 if __name__ == "__main__":
