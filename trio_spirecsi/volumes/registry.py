@@ -396,7 +396,10 @@ class Registry:
             with trio.move_on_after(self._publish_timeout):
                 # The first answer and the first files in this task.
                 await entry.volume.first_svid()
-                await entry.volume.state.wait_value(_settled)
+                if not _settled(entry.volume.state.value):
+                    # After a failure only: once settled, wait_value would still give up a
+                    # turn (trio.sleep(0)) between the files and the mount.
+                    await entry.volume.state.wait_value(_settled)
             state = entry.volume.state.value
             if not state.ready:
                 raise publish_failure(
