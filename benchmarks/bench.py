@@ -79,6 +79,29 @@ def _free_port() -> int:
         return port
 
 
+def build_go_agent(who: str) -> Path:
+    """The grpc-go agent's binary, built by ``scripts/goagent.sh`` if needed; ``who`` names
+    the benchmark in the message if it cannot be built."""
+    built = subprocess.run(
+        [str(CHECKOUT / "scripts" / "goagent.sh")], stdout=subprocess.PIPE, text=True
+    )
+    if built.returncode != 0:
+        sys.exit(f"{who}: could not build the grpc-go agent (see above)")
+    return Path(built.stdout.split()[-1])
+
+
+def remove_tmpfs(root: Path) -> None:
+    """Unmount every mount below ``root`` (the volumes' bind mounts), then the tmpfs at
+    ``root`` itself, and remove the folder."""
+    with open("/proc/self/mountinfo") as info:
+        points = [line.split()[4] for line in info]
+    for point in reversed(points):
+        if point.startswith(str(root) + "/"):
+            subprocess.run(["umount", "--lazy", point], check=False)
+    subprocess.run(["umount", "--lazy", str(root)], check=False)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * PAGE
@@ -656,13 +679,7 @@ async def run(
         for proc in (bench.proc, bench.ccore):
             if proc and proc.poll() is None:
                 proc.kill()
-        with open("/proc/self/mountinfo") as info:
-            points = [line.split()[4] for line in info]
-        for point in reversed(points):
-            if point.startswith(str(bench.kubelet) + "/"):
-                subprocess.run(["umount", "--lazy", point], check=False)
-        subprocess.run(["umount", "--lazy", str(root)], check=False)
-        shutil.rmtree(root, ignore_errors=True)
+        remove_tmpfs(root)
     print("\n| measure | value |\n|---|---|")
     for name, value in bench.rows:
         print(f"| {name.strip()} | {value} |")
@@ -769,14 +786,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         launcher = ("benchmarks.loopstats", args.loop_stats.resolve())
         launcher[1].unlink(missing_ok=True)
     driver_path = args.driver_path.resolve() if args.driver_path else None
-    go_agent = None
-    if args.agent == "go":
-        built = subprocess.run(
-            [str(CHECKOUT / "scripts" / "goagent.sh")], stdout=subprocess.PIPE, text=True
-        )
-        if built.returncode != 0:
-            sys.exit("bench: could not build the grpc-go agent (see above)")
-        go_agent = Path(built.stdout.split()[-1])
+    go_agent = build_go_agent("bench") if args.agent == "go" else None
     if args.storm_every is not None and not args.storm_every > 0:
         sys.exit("bench: --storm-every must be a positive number of seconds")
     trio.run(

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ import trio
 from trio_spirecsi.csi.client import CSIClient
 from trio_spirecsi.grpc import open_channel
 
-from .bench import CHECKOUT, Bench
+from .bench import Bench, build_go_agent, remove_tmpfs
 
 
 def cpu_ns(pid: int) -> int:
@@ -127,13 +126,7 @@ async def run(
         for bench in benches:
             if bench.proc is not None and bench.proc.poll() is None:
                 bench.proc.kill()
-        with open("/proc/self/mountinfo") as info:
-            points = [line.split()[4] for line in info]
-        for point in reversed(points):
-            if point.startswith(str(root) + "/"):
-                subprocess.run(["umount", "--lazy", point], check=False)
-        subprocess.run(["umount", "--lazy", str(root)], check=False)
-        shutil.rmtree(root, ignore_errors=True)
+        remove_tmpfs(root)
     n = rounds * volumes
     print(f"{rounds} rounds of {volumes} volumes each, 50 at a time, alternating")
     print("| driver | volumes/s (all rounds) | driver CPU per publish |\n|---|---|---|")
@@ -164,14 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for path in (args.before, args.after):
         if not (path / "trio_spirecsi" / "__init__.py").is_file():
             sys.exit(f"bulk_ab: {path} holds no trio_spirecsi package (see --help)")
-    go_agent = None
-    if args.agent == "go":
-        built = subprocess.run(
-            [str(CHECKOUT / "scripts" / "goagent.sh")], stdout=subprocess.PIPE, text=True
-        )
-        if built.returncode != 0:
-            sys.exit("bulk_ab: could not build the grpc-go agent (see above)")
-        go_agent = Path(built.stdout.split()[-1])
+    go_agent = build_go_agent("bulk_ab") if args.agent == "go" else None
     dirs = [args.before.resolve(), args.after.resolve()]
     trio.run(run, dirs, args.rounds, args.volumes, args.restart_every, go_agent)
 
