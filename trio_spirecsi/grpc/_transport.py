@@ -82,6 +82,10 @@ class Transport:
         self._busy = False
         self._sending = False  # the writer task is inside a send
         self._outbox = bytearray()  # taken from the core, not yet sent
+        self._on_events: Callable[[Sequence[Event]], None] | None = None
+        self._read_wait: trio.CancelScope | None = None
+        """Around the read loop's wait for the socket, while it waits: :meth:`pull` may
+        read for it, and cancels it when the loop must look again without new bytes."""
 
     @property
     def queued(self) -> int:
@@ -187,6 +191,13 @@ class Transport:
         return end
 
     async def _read_loop(self, on_events: Callable[[Sequence[Event]], None]) -> None:
+        self._on_events = on_events
+        try:
+            await self._read_until_end(on_events)
+        finally:
+            self._on_events = None  # the owner holds this transport: no cycle left behind
+
+    async def _read_until_end(self, on_events: Callable[[Sequence[Event]], None]) -> None:
         core = self.core
         while core.failure is None:
             try:
@@ -200,29 +211,56 @@ class Transport:
             except IO_ERRORS as exc:
                 self._end_reading(on_events, _describe(exc))
                 return
-            if not data:
-                if data is None:
-                    data = b""
-                else:
-                    self._end_reading(on_events, "connection closed by peer")
-                    return
-            events = core.receive(data, trio.current_time())
-            if core.handshake_done and not self._handshake.is_set():
-                self._handshake.set()
-            try:
-                on_events(events)
-            except Exception as exc:
-                core.fail_internal(exc)
-            if self.queued > self._max_queue:
-                core.fail(
-                    ErrorCodes.ENHANCE_YOUR_CALM,
-                    SLOW_READER,
-                    f"peer does not read: more than {self._max_queue} bytes queued",
-                )
-            if self.core.outbound_pending:
-                # PING and SETTINGS acks (grpc-go pings with every response), GOAWAY: sent
-                # from this task when the socket takes them, without a turn of the writer's.
-                self.send_now()
+            self._handle(data, on_events)
+
+    def pull(self) -> None:
+        """Read and handle what the socket holds right now, from the calling task, if the
+        read loop is waiting for the socket: a caller about to wait for a response that
+        has already arrived gets it in its own turn, instead of waiting for the reader's
+        turn and then its own. The bytes are handled exactly as the read loop handles them
+        (same order: the loop handles each read before it waits again), and the loop is
+        woken when what it must do next no longer depends on new bytes (a backlog left,
+        the connection ended)."""
+        wait = self._read_wait
+        on_events = self._on_events
+        core = self.core
+        if wait is None or wait.cancel_called or on_events is None or core.failure is not None:
+            return
+        try:
+            data = self._receive_now(0)
+        except IO_ERRORS as exc:
+            self._end_reading(on_events, _describe(exc))
+        else:
+            if data is None:
+                return
+            self._handle(data, on_events)
+        if core.failure is not None or core.backlogged:
+            wait.cancel()
+
+    def _handle(self, data: bytes | None, on_events: Callable[[Sequence[Event]], None]) -> None:
+        """Feed what was read to the core and its events to the owner: ``data`` None when
+        nothing new was read (the backlog's turn), b"" at the end of the stream."""
+        core = self.core
+        if data is not None and not data:
+            self._end_reading(on_events, "connection closed by peer")
+            return
+        events = core.receive(data or b"", trio.current_time())
+        if core.handshake_done and not self._handshake.is_set():
+            self._handshake.set()
+        try:
+            on_events(events)
+        except Exception as exc:
+            core.fail_internal(exc)
+        if self.queued > self._max_queue:
+            core.fail(
+                ErrorCodes.ENHANCE_YOUR_CALM,
+                SLOW_READER,
+                f"peer does not read: more than {self._max_queue} bytes queued",
+            )
+        if core.outbound_pending:
+            # PING and SETTINGS acks (grpc-go pings with every response), GOAWAY: sent
+            # from this task when the socket takes them, without a turn of the writer's.
+            self.send_now()
 
     def _end_reading(self, on_events: Callable[[Sequence[Event]], None], reason: str) -> None:
         """The socket is closed or failed: what was read before still counts, then the end."""
@@ -234,7 +272,8 @@ class Transport:
 
     def _receive_now(self, backlog: int) -> bytes | None:
         """What the socket holds, without waiting: None if nothing (or if the backlog is
-        four reads' worth already), b"" at end of stream."""
+        four reads' worth already), b"" at end of stream. Reading and handling what was
+        read happen in one step, with no turn between them (see :meth:`_receive`)."""
         if backlog >= 4 * self._read_bytes:
             return None
         buffer = self._read_buffer
@@ -246,12 +285,20 @@ class Transport:
             return None
         return bytes(memoryview(buffer)[:size])
 
-    async def _receive(self) -> bytes:
-        buffer = self._read_buffer
-        if buffer is None:
-            return await self._stream.receive_some(self._read_bytes)
-        size = await self._stream.socket.recv_into(buffer)
-        return bytes(memoryview(buffer)[:size])
+    async def _receive(self) -> bytes | None:
+        """The next read, once the socket is readable; None if :meth:`pull` took the bytes
+        first or woke the loop. Trio's ``receive_some`` would not do: after a read that
+        succeeds at once it gives up a turn holding the bytes, and a pull meanwhile would
+        handle later bytes first."""
+        with trio.CancelScope() as wait:
+            self._read_wait = wait
+            try:
+                await trio.lowlevel.wait_readable(self._stream.socket)
+            finally:
+                self._read_wait = None
+        if wait.cancelled_caught:
+            return None
+        return self._receive_now(0)
 
     async def _write_loop(self) -> None:
         try:

@@ -290,7 +290,13 @@ class ClientConnection:
         return call
 
     async def next_message(self, call: ClientCall) -> bytes | None:
-        """The next response message, None once the call ended OK; raises its error."""
+        """The next response message, None once the call ended OK; raises its error.
+
+        Before waiting for a call's first message, the caller reads what the socket holds
+        itself (:meth:`Transport.pull`): a response that arrived while the caller was busy
+        (a publish writing its metadata) is taken without a turn of the reader's.
+        """
+        pulled = call.heard
         while True:
             if call.messages:
                 data, size = call.messages.popleft()
@@ -301,6 +307,10 @@ class ClientConnection:
                 if call.error is not None:
                     raise RpcError(call.error.code, call.error.message)
                 return None
+            if not pulled:
+                pulled = True
+                self.transport.pull()
+                continue
             if call.waiter is None:
                 call.waiter = trio.Event()
             await call.waiter.wait()
