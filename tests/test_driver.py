@@ -15,6 +15,7 @@ from typing import cast
 import pytest
 import trio
 
+from tests.faults import full, read_only
 from tests.harness import Node, eventually, mount_count, mounts_under, open_node, read_identity
 from trio_spirecsi._proto.csi.v1 import csi_pb2 as csi
 from trio_spirecsi.csi.client import publish_request, volume_context
@@ -441,6 +442,81 @@ async def test_a_target_whose_parent_is_missing_is_invalid_argument_not_internal
     await eventually(
         lambda: node.agent.open_svid_subscriptions == [], "the refused publish's stream closed"
     )
+
+
+@pytest.fixture
+async def small_disk_node(tmp_path: Path) -> AsyncIterator[Node]:
+    """A node whose state dir is its own 4 MiB tmpfs (unmounted with the node)."""
+    async with open_node(tmp_path / "node") as node:
+        node.state_dir.mkdir()
+        mount = ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(node.state_dir)]
+        subprocess.run(mount, check=True)
+        await node.start_driver()
+        yield node
+
+
+async def assert_refused_and_gone(
+    node: Node, pod_name: str, kept: tuple[str, Path], reason: str
+) -> tuple[str, Path, csi.NodePublishVolumeRequest]:
+    """A first publish fails INTERNAL naming ``reason``, and nothing of it is left: no
+    folder, no target, no mount, no agent subscription; the kept volume keeps its files."""
+    pod = node.pod(pod_name)
+    target = node.target(pod)
+    request = publish_request("csi-new", str(target), volume_context(pod, {}))
+    before = read_identity(kept[1])
+    with pytest.raises(RpcError) as info:
+        await node.client.publish(request)
+    assert info.value.code == StatusCode.INTERNAL
+    assert reason in info.value.message
+    assert str(node.state_dir) in info.value.message  # which file or folder
+    assert node.volume_folders() == [kept[0]]
+    assert not target.exists()
+    assert mounts_under(node.kubelet_dir) == [kept[1]]
+    await eventually(
+        lambda: (
+            [selectors_of(node, pod.uid)] == [set()]
+            and len(node.agent.open_svid_subscriptions) == 1
+        ),
+        "the failed publish's stream closed, the kept volume's open",
+    )
+    after = read_identity(kept[1])
+    assert (after.serial, after.key_matches) == (before.serial, True)
+    return "csi-new", target, request
+
+
+async def test_a_first_publish_on_a_full_state_disk_fails_clearly_then_succeeds_on_retry(
+    small_disk_node: Node,
+) -> None:
+    node = small_disk_node
+    kept = await node.publish(node.pod("kept-0"))
+    with full(node.state_dir):
+        volume_id, target, request = await assert_refused_and_gone(
+            node, "new-0", kept, "No space left on device"
+        )
+    await node.client.publish(request)  # the kubelet's retry, once there is room
+    assert read_identity(target).key_matches
+    assert node.volume_folders() == sorted([kept[0], volume_id])
+
+
+async def test_a_first_publish_on_a_read_only_state_dir_fails_clearly_while_others_rotate(
+    node: Node,
+) -> None:
+    """Only the state dir itself is read-only (the kept volume's folder, a mount of its own,
+    stays writable): the new volume cannot be created, the kept one rotates meanwhile."""
+    kept = await node.publish(node.pod("kept-0"))
+    kept_dir = node.state_dir / kept[0]
+    subprocess.run(["mount", "--bind", str(kept_dir), str(kept_dir)], check=True)
+    with read_only(node.state_dir):
+        volume_id, target, request = await assert_refused_and_gone(
+            node, "new-0", kept, "Read-only file system"
+        )
+        serial = read_identity(kept[1]).serial
+        node.agent.rotate()
+        await eventually(lambda: read_identity(kept[1]).serial != serial, "the kept one rotated")
+        assert read_identity(kept[1]).key_matches
+    await node.client.publish(request)
+    assert read_identity(target).key_matches
+    assert node.volume_folders() == sorted([kept[0], volume_id])
 
 
 async def test_malformed_agent_data_keeps_the_files_and_refuses_new_publishes(

@@ -25,7 +25,6 @@ faulty volume gets new files and is reported normal again.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 import subprocess
@@ -37,8 +36,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.faults import full, read_only
 from tests.harness import read_identity
-from tests.hostile.node import MIB, Node, Volume, in_private_mount_namespace, svid_serial
+from tests.hostile.node import Node, Volume, in_private_mount_namespace, svid_serial
 from trio_spirecsi.csi.client import CSIClient
 from trio_spirecsi.grpc import RpcError, StatusCode
 
@@ -82,45 +82,6 @@ def running(node: Node, volumes: Volumes) -> Node:
 
 
 # Faults -------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def read_only(volume_dir: Path) -> Iterator[None]:
-    """``volume_dir`` bind-mounted read-only onto itself (writes fail EROFS) until exit."""
-    subprocess.run(["mount", "--bind", str(volume_dir), str(volume_dir)], check=True)
-    try:
-        subprocess.run(
-            ["mount", "-o", "remount,bind,ro", str(volume_dir), str(volume_dir)], check=True
-        )
-        probe = volume_dir / ".probe"
-        with pytest.raises(OSError) as info:
-            probe.write_bytes(b"")
-        assert info.value.errno == errno.EROFS
-        yield
-    finally:
-        subprocess.run(["umount", str(volume_dir)], check=True)
-
-
-@contextlib.contextmanager
-def full(state_dir: Path) -> Iterator[None]:
-    """The tmpfs holding ``state_dir`` filled to the last byte until exit."""
-    filler = state_dir / ".fill"
-    chunk = bytes(MIB)
-    try:
-        with open(filler, "wb", buffering=0) as f:
-            with contextlib.suppress(OSError):
-                while True:
-                    f.write(chunk)
-            with contextlib.suppress(OSError):
-                while True:
-                    f.write(b"\0" * 512)
-        with pytest.raises(OSError) as info:
-            (state_dir / ".probe").write_bytes(b"x" * 4096)
-        assert info.value.errno == errno.ENOSPC
-        yield
-    finally:
-        filler.unlink(missing_ok=True)
-        (state_dir / ".probe").unlink(missing_ok=True)
 
 
 def _lowest_free_fd(pid: int) -> int:
