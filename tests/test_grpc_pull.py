@@ -18,6 +18,7 @@ import math
 import os
 import random
 import socket
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from hyperframe.frame import DataFrame, Frame
+from hyperframe.frame import DataFrame, Frame, PingFrame
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -106,9 +107,20 @@ async def test_a_first_response_already_in_the_socket_is_taken_without_giving_up
     async with connected(ClientLimits.trusted()) as (conn, peer, _):
         call = await started(conn, peer)
         sid = call.stream_id
-        write(peer, peer.headers(sid, RESPONSE), peer.data(sid, grpc_message(b"first")))
+        # grpc-go sends a PING (its bandwidth probe) with the answer.
+        write(
+            peer,
+            peer.headers(sid, RESPONSE),
+            peer.data(sid, grpc_message(b"first")),
+            peer.ping(0xB0B),
+        )
         with trio.testing.assert_no_checkpoints():
             first = await conn.next_message(call)
+        # The PING's ACK leaves once the caller gives up its turn.
+        ack = await peer.wait_for(
+            lambda f: isinstance(f, PingFrame) and "ACK" in f.flags, "the PING's ACK"
+        )
+        assert ack.opaque_data == struct.pack(">Q", 0xB0B)
         # Later messages and the status come through the reader as usual.
         await peer.send(peer.data(sid, grpc_message(b"second")))
         await peer.send(peer.headers(sid, OK, end_stream=True))
@@ -128,9 +140,14 @@ async def test_a_call_whose_answer_has_not_arrived_waits_for_it_as_before() -> N
             async def wait() -> None:
                 got.append(await conn.next_message(call))
 
+            write(peer, peer.ping(7))  # all a read finds now: a PING, answered
+            conn.transport.pull()
             nursery.start_soon(wait)
             await trio.testing.wait_all_tasks_blocked()
-            assert got == []  # nothing in the socket: the caller waits
+            assert got == []  # no answer in the socket: the caller waits
+            await peer.wait_for(
+                lambda f: isinstance(f, PingFrame) and "ACK" in f.flags, "the PING's ACK", 5
+            )
             await peer.send(peer.headers(sid, RESPONSE), peer.data(sid, grpc_message(b"late")))
         assert got == [b"late"]
 

@@ -220,7 +220,8 @@ class Transport:
         turn and then its own. The bytes are handled exactly as the read loop handles them
         (same order: the loop handles each read before it waits again), and the loop is
         woken when what it must do next no longer depends on new bytes (a backlog left,
-        the connection ended)."""
+        the connection ended). What the bytes call for (a PING's ACK) is left to the writer
+        task: the caller goes on with its own work first."""
         wait = self._read_wait
         on_events = self._on_events
         core = self.core
@@ -233,13 +234,20 @@ class Transport:
         else:
             if data is None:
                 return
-            self._handle(data, on_events)
+            self._handle(data, on_events, send=False)
         if core.failure is not None or core.backlogged:
             wait.cancel()
 
-    def _handle(self, data: bytes | None, on_events: Callable[[Sequence[Event]], None]) -> None:
+    def _handle(
+        self,
+        data: bytes | None,
+        on_events: Callable[[Sequence[Event]], None],
+        *,
+        send: bool = True,
+    ) -> None:
         """Feed what was read to the core and its events to the owner: ``data`` None when
-        nothing new was read (the backlog's turn), b"" at the end of the stream."""
+        nothing new was read (the backlog's turn), b"" at the end of the stream. ``send``:
+        what the core queued in answer is sent from this task, if the socket takes it."""
         core = self.core
         if data is not None and not data:
             self._end_reading(on_events, "connection closed by peer")
@@ -260,7 +268,10 @@ class Transport:
         if core.outbound_pending:
             # PING and SETTINGS acks (grpc-go pings with every response), GOAWAY: sent
             # from this task when the socket takes them, without a turn of the writer's.
-            self.send_now()
+            if send:
+                self.send_now()
+            else:
+                self.flush()
 
     def _end_reading(self, on_events: Callable[[Sequence[Event]], None], reason: str) -> None:
         """The socket is closed or failed: what was read before still counts, then the end."""
