@@ -152,6 +152,30 @@ async def test_a_call_whose_answer_has_not_arrived_waits_for_it_as_before() -> N
         assert got == [b"late"]
 
 
+async def test_calls_waiting_together_for_their_first_answers_get_them_from_the_reader() -> None:
+    """Several calls wait for their first answers (publishes in bulk): a caller does not read
+    for itself then, and the reader reads every answer in one step instead of one read per
+    caller."""
+    async with connected(ClientLimits.trusted()) as (conn, peer, _):
+        calls = [await started(conn, peer) for _ in range(3)]
+        answers = [
+            frame
+            for call in calls
+            for frame in (
+                peer.headers(call.stream_id, RESPONSE),
+                peer.data(call.stream_id, grpc_message(b"%d" % call.stream_id)),
+            )
+        ]
+        write(peer, *answers)
+        got: list[bytes | None] = []
+        with trio.testing.assert_checkpoints():
+            got.append(await conn.next_message(calls[0]))  # the reader's turn
+        assert all(call.messages for call in calls[1:])  # read with the first
+        with trio.testing.assert_no_checkpoints():
+            got += [await conn.next_message(call) for call in calls[1:]]
+    assert got == [b"%d" % call.stream_id for call in calls]
+
+
 async def test_broken_bytes_taken_by_the_caller_end_the_connection_like_the_readers_would() -> None:
     """The caller's read finds a frame the client must refuse: its call fails UNAVAILABLE
     with the reason, the server gets GOAWAY, and the connection's run ends although no

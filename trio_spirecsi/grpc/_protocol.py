@@ -854,6 +854,11 @@ class ProtocolCore:
     def backlog_bytes(self) -> int:
         return self._backlog_bytes
 
+    @property
+    def awaiting_first(self) -> int:
+        """How many of our streams wait for their first message."""
+        return len(self._awaiting)
+
     def receive(self, data: bytes, now: float) -> list[Event]:
         """Events for these received bytes (``now``: a monotonic clock, for the budgets).
 

@@ -1,7 +1,8 @@
 """The Trio side of one gRPC connection, shared by the client and the server.
 
 :class:`Transport` runs a :class:`~._protocol.ProtocolCore` on a socket: a reader that feeds
-it and hands its events to the owner, a writer that sends what it produces, a watchdog for
+it and hands its events to the owner (while the reader waits for the socket, a caller may read
+for it, :meth:`Transport.pull`), a writer that sends what it produces, a watchdog for
 the handshake and idle timeouts, and flow-controlled message sending that also waits while
 too much output is queued for a peer that does not read. However the connection ends,
 :meth:`Transport.run` returns (it raises nothing but Cancelled), GOAWAY has been sent if the

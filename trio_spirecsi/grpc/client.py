@@ -1,8 +1,11 @@
 """gRPC client over a unix socket: one lazily dialled HTTP/2 connection shared by every call.
 
 A call costs no task: the connection's reader task files each message and status into the
-call's small state object and wakes whoever waits on it. Unconsumed messages stay inside the
-HTTP/2 flow-control windows, so a slow consumer holds at most one window per stream.
+call's small state object and wakes whoever waits on it. A caller about to wait for its
+call's first message reads what the socket holds itself first (``Transport.pull``): an
+answer that arrived while it was busy is its own at once, without the reader's turn and then
+its own. Unconsumed messages stay inside the HTTP/2 flow-control windows, so a slow consumer
+holds at most one window per stream.
 
 A call's first message, its status and its errors wake the caller at once; later messages
 (a stream's updates) are handed over by the connection's one pacing task, at most
@@ -292,9 +295,12 @@ class ClientConnection:
     async def next_message(self, call: ClientCall) -> bytes | None:
         """The next response message, None once the call ended OK; raises its error.
 
-        Before waiting for a call's first message, the caller reads what the socket holds
-        itself (:meth:`Transport.pull`): a response that arrived while the caller was busy
-        (a publish writing its metadata) is taken without a turn of the reader's.
+        Before waiting for a call's first message, when no other call waits for its own,
+        the caller reads what the socket holds itself (:meth:`Transport.pull`): a response
+        that arrived while the caller was busy (a publish writing its metadata) is taken
+        without a turn of the reader's. While several calls wait for their first messages
+        (publishes in bulk), the reader reads their answers together, in fewer and larger
+        reads.
         """
         pulled = call.heard
         while True:
@@ -309,8 +315,9 @@ class ClientConnection:
                 return None
             if not pulled:
                 pulled = True
-                self.transport.pull()
-                continue
+                if self.core.awaiting_first <= 1:
+                    self.transport.pull()
+                    continue
             if call.waiter is None:
                 call.waiter = trio.Event()
             await call.waiter.wait()
