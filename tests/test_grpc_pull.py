@@ -238,34 +238,25 @@ _MESSAGES = st.lists(st.binary(max_size=300), min_size=1, max_size=5)
 _ACTIONS = st.one_of(st.sampled_from(["pull", "all"]), st.integers(min_value=0, max_value=3))
 
 
+def _reader_caught_holding_a_read(turns: int) -> example:
+    """An example where the reader reads 256 of 1,000 waiting bytes, handles them, reads
+    the next 256 at once, and may be caught holding those ``turns`` turns later, when the
+    test reads for it."""
+    return example(
+        answers=[[b"x" * 200] * 5] * 3,
+        order=random.Random(0),
+        cuts=[1000],
+        actions=[turns, "pull"],
+        read_bytes=256,
+        frames_per_step=64,
+        scheduling=None,
+    )
+
+
 @settings(max_examples=60)
-@example(  # the reader may be caught holding a read when the test reads for it
-    answers=[[b"x" * 200] * 5] * 3,
-    order=random.Random(0),
-    cuts=[1000],
-    actions=[1, "pull"],
-    read_bytes=256,
-    frames_per_step=64,
-    scheduling=None,
-)
-@example(  # the reader may be caught holding a read when the test reads for it
-    answers=[[b"x" * 200] * 5] * 3,
-    order=random.Random(0),
-    cuts=[1000],
-    actions=[2, "pull"],
-    read_bytes=256,
-    frames_per_step=64,
-    scheduling=None,
-)
-@example(  # the reader may be caught holding a read when the test reads for it
-    answers=[[b"x" * 200] * 5] * 3,
-    order=random.Random(0),
-    cuts=[1000],
-    actions=[3, "pull"],
-    read_bytes=256,
-    frames_per_step=64,
-    scheduling=None,
-)
+@_reader_caught_holding_a_read(1)
+@_reader_caught_holding_a_read(2)
+@_reader_caught_holding_a_read(3)
 @given(
     answers=st.lists(_MESSAGES, min_size=3, max_size=3),
     order=st.randoms(use_true_random=False),
