@@ -2,10 +2,10 @@
 
 A call costs no task: the connection's reader task files each message and status into the
 call's small state object and wakes whoever waits on it. A caller about to wait for its
-call's first message reads what the socket holds itself first (``Transport.pull``): an
-answer that arrived while it was busy is its own at once, without the reader's turn and then
-its own. Unconsumed messages stay inside the HTTP/2 flow-control windows, so a slow consumer
-holds at most one window per stream.
+call's first message, while no other call waits for one, reads what the socket holds itself
+first (``Transport.pull``): an answer that arrived while it was busy is its own at once,
+without the reader's turn and then its own. Unconsumed messages stay inside the HTTP/2
+flow-control windows, so a slow consumer holds at most one window per stream.
 
 A call's first message, its status and its errors wake the caller at once; later messages
 (a stream's updates) are handed over by the connection's one pacing task, at most
